@@ -1,0 +1,115 @@
+"""Abstract interfaces of the components a TarFlowLM is assembled from.
+
+Shapes: B batch, T positions, D channels per position, C conditioner features, V vocabulary.
+
+Log-determinant convention, used by every component: `ladj` is the log absolute determinant of
+the Jacobian of the forward map, summed over every axis but the batch axis, shape (B,). Per-token
+averages are taken once, in the loss.
+"""
+
+from abc import ABC, abstractmethod
+
+import torch
+from torch import nn
+
+
+class Encoder(nn.Module, ABC):
+    """The posterior q(z | x): tokens to latent vectors."""
+
+    vocab_size: int
+    dim: int
+
+    @abstractmethod
+    def sample(self, x: torch.Tensor, noise: torch.Tensor | None = None):
+        """Draw z ~ q(z | x).
+
+        Args:
+            x: tokens, (B, T) long.
+            noise: standard normal noise of shape (B, T, D); drawn when omitted.
+
+        Returns:
+            (z, log_q): latents (B, T, D) and log q(z | x) summed per sequence, (B,).
+        """
+
+    @abstractmethod
+    def log_prob(self, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        """log q(z | x) summed per sequence, (B,)."""
+
+
+class Decoder(nn.Module, ABC):
+    """The likelihood p(x | z): latent vectors back to tokens."""
+
+    @abstractmethod
+    def logits(self, z: torch.Tensor) -> torch.Tensor:
+        """Normalised log p(x_t = k | z_t) for every token k, (B, T, V)."""
+
+    def log_prob(self, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        """log p(x | z) summed per sequence, (B,)."""
+        log_p = self.logits(z).gather(-1, x.unsqueeze(-1)).squeeze(-1)
+        return log_p.sum(-1)
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        """The most probable token at every position, (B, T) long."""
+        return self.logits(z).argmax(-1)
+
+
+class Prior(nn.Module, ABC):
+    """The base density of the flow output u."""
+
+    @abstractmethod
+    def log_prob(self, u: torch.Tensor) -> torch.Tensor:
+        """log p(u) summed per sequence, (B,)."""
+
+    @abstractmethod
+    def sample(self, shape, temperature: float = 1.0, generator=None, dtype=None):
+        """Draw u of the given shape (B, T, D); temperature scales the spread."""
+
+
+class Direction(nn.Module, ABC):
+    """The order in which a flow visits positions: a permutation of the T axis.
+
+    A permutation has log-determinant 0; `forward` returns it anyway so that every invertible
+    piece of the model obeys one contract. Neither method may modify its argument in place.
+    """
+
+    @abstractmethod
+    def forward(self, h: torch.Tensor):
+        """Natural order to visiting order: (B, T, D) -> ((B, T, D), ladj (B,))."""
+
+    @abstractmethod
+    def inverse(self, u: torch.Tensor) -> torch.Tensor:
+        """Visiting order back to natural order."""
+
+
+class Conditioner(nn.Module, ABC):
+    """A causal network whose output at position t depends only on inputs before t.
+
+    Attributes:
+        context_dim: C, the number of features it gives each position.
+    """
+
+    context_dim: int
+
+    @abstractmethod
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        """Features for every position, shifted right by one: (B, T, D) -> (B, T, C)."""
+
+
+class Coupling(nn.Module, ABC):
+    """The invertible map of each position given the conditioner's features.
+
+    Subclasses take `dim` (D) and `context_dim` (C) as their first two arguments. The map may
+    mix the channels of one position in any invertible way but never reads other positions:
+    that is the conditioner's job. A new coupling should start at, or near, the identity.
+    """
+
+    dim: int
+    context_dim: int
+
+    @abstractmethod
+    def forward(self, h: torch.Tensor, ctx: torch.Tensor):
+        """(h (B, T, D), ctx (B, T, C)) -> (u (B, T, D), ladj (B,))."""
+
+    @abstractmethod
+    def inverse(self, u: torch.Tensor, ctx: torch.Tensor) -> torch.Tensor:
+        """(u (B, T, D), ctx (B, T, C)) -> h (B, T, D)."""

@@ -1,0 +1,144 @@
+"""The command line of the main job: train, evaluate and sample a model described by gin files.
+
+python -m tarflow_core.run --gin gin/mixture.gin [--bind 'TrainConfig.steps = 100'] ...
+"""
+
+import argparse
+import logging
+import os
+import sys
+
+import torch
+from tqdm import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
+
+from tarflow_core import config, registry
+from tarflow_core.errors import TarflowError
+
+logger = logging.getLogger("tarflow_core.run")
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(
+        prog="python -m tarflow_core.run",
+        description="Train a TarFlowLM, report its validation bound and print samples.",
+    )
+    parser.add_argument(
+        "--gin", action="append", default=[], metavar="FILE", help="gin file (repeatable)"
+    )
+    parser.add_argument(
+        "--bind",
+        "--gin_param",
+        action="append",
+        default=[],
+        metavar="BINDING",
+        help="a gin binding applied after the files, e.g. 'TrainConfig.steps = 100'",
+    )
+    parser.add_argument(
+        "--list-components", action="store_true", help="list registered components and exit"
+    )
+    parser.add_argument("--log-level", default="INFO", help="logging level (default INFO)")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    return parser.parse_args(argv)
+
+
+class LogProgress:
+    """Progress for a log file or a CI console: one line every tenth of the way."""
+
+    def __init__(self, total: int, desc: str):
+        self.total, self.desc, self.done, self.postfix = total, desc, 0, {}
+        self.every = max(1, total // 10)
+
+    def update(self, n: int = 1) -> None:
+        self.done += n
+        if self.done % self.every == 0 or self.done == self.total:
+            extra = " ".join(f"{k} {v}" for k, v in self.postfix.items())
+            logger.info("%s %d/%d %s", self.desc, self.done, self.total, extra)
+
+    def set_postfix(self, values: dict) -> None:
+        self.postfix = values
+
+    def close(self) -> None:
+        pass
+
+
+def progress_bar(total: int, desc: str):
+    """A live bar on a terminal, periodic log lines anywhere else."""
+    if sys.stderr.isatty():
+        return tqdm(total=total, desc=desc, dynamic_ncols=True)
+    return LogProgress(total, desc)
+
+
+def print_summary(summary: dict) -> None:
+    val = summary["val"]
+    print()
+    print(f"run folder:      {summary['run_dir']}")
+    print(f"parameters:      {summary['parameters'] / 1e6:.2f}M")
+    print(f"training time:   {summary['train_seconds']:.0f} s")
+    print(f"val NELBO:       {val['val/nelbo']:.4f} nats/token (upper bound)")
+    if "val/bpc" in val:
+        print(f"val bits/char:   {val['val/bpc']:.4f} (upper bound)")
+    if "val/ppl" in val:
+        print(f"val perplexity:  {val['val/ppl']:.2f} (upper bound)")
+    for index, text in enumerate(summary["samples"]):
+        print(f"\n--- sample {index} ---\n{text}")
+
+
+def main(argv=None) -> int:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    logging.basicConfig(
+        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+    import datasets
+
+    datasets.disable_progress_bars()
+    datasets.logging.set_verbosity_error()
+
+    try:
+        pm, components = registry.load()
+        if args.list_components:
+            print(registry.plugin_summary(components))
+            return 0
+        if not args.gin:
+            raise TarflowError("no gin file given", hint="try --gin gin/mixture.gin")
+        config.setup(components)
+        config.parse(args.gin, args.bind)
+
+        corpus = config.configured("load_corpus")()
+        train_config = config.configured("TrainConfig")()
+        run_config = config.configured("RunConfig")()
+        torch.manual_seed(train_config.seed)
+        model = config.configured("build_model")(
+            vocab_size=corpus.vocab_size, seq_len=train_config.seq_len, registry=components
+        )
+        operative = config.operative_config()
+
+        from tarflow_core.train import run_experiment
+
+        with logging_redirect_tqdm():
+            summary = run_experiment(
+                model,
+                corpus,
+                train_config,
+                run_config,
+                pm.hook,
+                operative,
+                config.flat_bindings(operative),
+                progress_bar,
+            )
+    except TarflowError as error:
+        print(f"error: {error.one_line()}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted; the last checkpoint is in the run folder", file=sys.stderr)
+        return 130
+    print_summary(summary)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
