@@ -46,8 +46,8 @@ def measure(gin_file: str, corpus_path: str, steps: int, components, scratch: Pa
     corpus = config.configured("load_corpus")()
     train_config = config.configured("TrainConfig")()
     torch.manual_seed(train_config.seed)
-    model = config.configured("build_model")(
-        vocab_size=corpus.vocab_size, seq_len=train_config.seq_len, registry=components
+    model = config.build_configured_model(
+        config.configured("RunConfig")(), corpus.vocab_size, train_config.seq_len, components
     )
     hook = CurveHook()
     started = time.perf_counter()

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import gin
 from gin import config_parser
-from tarflow_core import data, model, train
+from tarflow_core import baseline, data, model, train
 from tarflow_core.errors import ConfigError
 
 # The gin folder of a source checkout, searched after the working directory.
@@ -23,6 +23,7 @@ PROJECT_GIN_DIR = Path(__file__).resolve().parent.parent / "gin"
 CORE_CONFIGURABLES = {
     "load_corpus": data.load_corpus,
     "build_model": model.build_model,
+    "build_ar_model": baseline.build_ar_model,
     "TrainConfig": train.TrainConfig,
     "RunConfig": train.RunConfig,
 }
@@ -59,6 +60,20 @@ def setup(registry) -> None:
 def configured(name: str):
     """The gin-configured version of a core configurable."""
     return _wrapped[name]
+
+
+MODEL_BUILDERS = {"tarflow": "build_model", "ar": "build_ar_model"}
+
+
+def build_configured_model(run_config, vocab_size: int, seq_len: int, registry):
+    """The model family `RunConfig.model` names, built with its gin bindings."""
+    builder = MODEL_BUILDERS.get(run_config.model)
+    if builder is None:
+        raise ConfigError(
+            f"unknown model family {run_config.model!r}",
+            hint=f"RunConfig.model is one of {', '.join(MODEL_BUILDERS)}",
+        )
+    return configured(builder)(vocab_size=vocab_size, seq_len=seq_len, registry=registry)
 
 
 def resolve_gin_file(path: str) -> str:

@@ -98,13 +98,16 @@ class Conditioner(nn.Module, ABC):
 class Coupling(nn.Module, ABC):
     """The invertible map of each position given the conditioner's features.
 
-    Subclasses take `dim` (D) and `context_dim` (C) as their first two arguments. The map may
-    mix the channels of one position in any invertible way but never reads other positions:
-    that is the conditioner's job. A new coupling should start at, or near, the identity.
+    Subclasses take `dim` (D) and `context_dim` (C) as their first two arguments; one that
+    also takes `encoder` is given the model's encoder (to tie itself to the codebook). The map
+    may mix the channels of one position in any invertible way but never reads other
+    positions: that is the conditioner's job. A new coupling should start at, or near, the
+    identity; one that cannot by design says so with `near_identity_at_init = False`.
     """
 
     dim: int
     context_dim: int
+    near_identity_at_init: bool = True
 
     @abstractmethod
     def forward(self, h: torch.Tensor, ctx: torch.Tensor):

@@ -4,8 +4,8 @@ Shapes: B batch, T tokens, P tokens per patch, N = T / P positions, d latent cha
 D = d * P channels per position, V vocabulary.
 """
 
+import inspect
 import logging
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -70,6 +70,17 @@ class Elbo:
     def elbo(self) -> torch.Tensor:
         return self.log_px_z + self.log_prior - self.log_q
 
+    def parts(self, T: int) -> dict[str, float]:
+        """Batch means per token, for logging."""
+        parts = {
+            "recon": -self.log_px_z.mean().item() / T,
+            "log_q": self.log_q.mean().item() / T,
+            "log_base": self.log_base.mean().item() / T,
+        }
+        for index, ladj in enumerate(self.ladj):
+            parts[f"flow/{index}/ladj"] = ladj.mean().item() / T
+        return parts
+
 
 def channel_shuffle(D: int, P: int) -> torch.Tensor:
     """Even channels first, then odd: mixes the tokens of a patch between flows."""
@@ -93,6 +104,8 @@ class TarFlowLM(nn.Module):
         self.encoder, self.decoder, self.prior = encoder, decoder, prior
         self.flows = nn.ModuleList(flows)
         self.patch_size = patch_size
+        # Progressive training grows the prior one flow at a time; the rest act as identity.
+        self.active_flows = len(self.flows)
         D = encoder.dim * patch_size
         shuffle = channel_shuffle(D, patch_size)
         self.register_buffer("shuffle", shuffle, persistent=False)
@@ -116,10 +129,10 @@ class TarFlowLM(nn.Module):
         """Latents (B, T, d) to base noise (B, N, D), with every flow's ladj."""
         h = self.patchify(z)
         ladj = []
-        for index, flow in enumerate(self.flows):
+        for index, flow in enumerate(self.flows[: self.active_flows]):
             h, flow_ladj = flow(h)
             ladj.append(flow_ladj)
-            if index < len(self.flows) - 1:
+            if index < self.active_flows - 1:
                 h = h[..., self.shuffle]
         return h, ladj
 
@@ -131,14 +144,19 @@ class TarFlowLM(nn.Module):
         decode every pass and watch the text go from coarse to fine.
         """
         h = u
-        for index in reversed(range(len(self.flows))):
-            if index < len(self.flows) - 1:
+        for index in reversed(range(self.active_flows)):
+            if index < self.active_flows - 1:
                 h = h[..., self.unshuffle]
             h = self.flows[index].inverse(h, on_position=on_position)
             if on_pass is not None:
                 partial = h if index == 0 else h[..., self.unshuffle]
                 on_pass(index, self.unpatchify(partial))
         return self.unpatchify(h)
+
+    def noise_like(self, x: torch.Tensor, generator=None) -> torch.Tensor:
+        """Standard normal noise for the encoder's sample of z given tokens x (B, T)."""
+        dtype = next(self.parameters()).dtype
+        return torch.randn(*x.shape, self.encoder.dim, generator=generator, dtype=dtype)
 
     def elbo(self, x: torch.Tensor, noise: torch.Tensor | None = None) -> Elbo:
         """The single-sample ELBO of tokens x (B, T), z ~ q(z | x)."""
@@ -175,6 +193,16 @@ def _per_flow(value, count: int, name: str) -> list:
             )
         return list(value)
     return [value] * count
+
+
+def takes_encoder(factory) -> bool:
+    """Whether a coupling factory asks for the model's encoder (to tie itself to it)."""
+    # gin wraps a class in a subclass whose own signature is (*args, **kwargs).
+    target = factory.__init__ if isinstance(factory, type) else factory
+    try:
+        return "encoder" in inspect.signature(target).parameters
+    except (TypeError, ValueError):
+        return False
 
 
 def direction_names(directions, count: int) -> list[str]:
@@ -241,7 +269,8 @@ def build_model(
     flows = []
     for index in range(count):
         body = make_conditioner(D, depths[index], N)
-        coupling = make_couplings[index](D, body.context_dim, **options[index])
+        extra = {"encoder": the_encoder} if takes_encoder(make_couplings[index]) else {}
+        coupling = make_couplings[index](D, body.context_dim, **extra, **options[index])
         flows.append(Flow(make_directions[index](), body, coupling))
     model = TarFlowLM(the_encoder, make_decoder(the_encoder), make_prior(), flows, patch_size)
     logger.info(
@@ -252,7 +281,3 @@ def build_model(
         sum(p.numel() for p in model.parameters()) / 1e6,
     )
     return model
-
-
-def nats_to_bits(nats: float) -> float:
-    return nats / math.log(2)

@@ -112,8 +112,8 @@ def main(argv=None) -> int:
         train_config = config.configured("TrainConfig")()
         run_config = config.configured("RunConfig")()
         torch.manual_seed(train_config.seed)
-        model = config.configured("build_model")(
-            vocab_size=corpus.vocab_size, seq_len=train_config.seq_len, registry=components
+        model = config.build_configured_model(
+            run_config, corpus.vocab_size, train_config.seq_len, components
         )
         operative = config.operative_config()
 

@@ -17,6 +17,7 @@ from tarflow_core.data import (
     save_tokenizer,
     validation_windows,
 )
+from tarflow_core.errors import ConfigError
 
 logger = logging.getLogger(__name__)
 
@@ -38,6 +39,35 @@ class TrainConfig:
     eval_batch_size: int = 64
     checkpoint_every: int = 500  # steps
     seed: int = 0
+    # Progressive training: the share of the steps given to each stage. Stage 0 trains the
+    # first flow and the codebook; stage s > 0 freezes all before it and trains flow s alone.
+    # None trains everything at once.
+    progressive_shares: list[float] | None = None
+    iw_samples: int = 0  # samples of z per sequence for the final importance-weighted bound
+
+    def __post_init__(self):
+        if self.steps < 1 or self.batch_size < 1 or self.seq_len < 1:
+            raise ConfigError(
+                f"steps, batch_size and seq_len must be positive, not {self.steps}, "
+                f"{self.batch_size} and {self.seq_len}",
+                hint="check the TrainConfig bindings",
+            )
+        if self.progressive_shares is not None:
+            lengths = self.stage_lengths()
+            if min(self.progressive_shares) <= 0 or min(lengths) < 1:
+                raise ConfigError(
+                    f"progressive_shares {list(self.progressive_shares)} give stages of "
+                    f"{lengths} steps",
+                    hint="give one positive share per flow, and enough steps for each",
+                )
+
+    def stage_lengths(self) -> list[int]:
+        """Steps in each training stage."""
+        if self.progressive_shares is None:
+            return [self.steps]
+        shares = list(self.progressive_shares)
+        ends = [round(self.steps * sum(shares[: i + 1]) / sum(shares)) for i in range(len(shares))]
+        return [end - start for start, end in zip([0, *ends[:-1]], ends, strict=True)]
 
 
 @dataclass
@@ -45,6 +75,7 @@ class RunConfig:
     """Where a run is written and tracked, and what it samples at the end."""
 
     name: str = "tarflow"
+    model: str = "tarflow"  # the model family: "tarflow", or "ar" for the discrete baseline
     output_dir: str = "runs"
     track: bool = True
     tracking_uri: str = "sqlite:///mlflow.db"
@@ -84,17 +115,53 @@ def null_progress(total: int, desc: str) -> NullProgress:
     return NullProgress()
 
 
-def cosine_schedule(config: TrainConfig):
-    """Linear warm-up, then cosine decay to `min_lr_ratio` of the peak, as a multiplier."""
+def cosine_schedule(config: TrainConfig, steps: int | None = None):
+    """Linear warm-up, then cosine decay to `min_lr_ratio` of the peak over `steps` (all of the
+    run by default), as a multiplier."""
+    total = config.steps if steps is None else steps
+    warmup = min(config.warmup_steps, max(1, total // 2))
 
     def multiplier(step: int) -> float:
-        if step < config.warmup_steps:
-            return (step + 1) / config.warmup_steps
-        progress = (step - config.warmup_steps) / max(1, config.steps - config.warmup_steps)
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, total - warmup)
         cosine = 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
         return config.min_lr_ratio + (1 - config.min_lr_ratio) * cosine
 
     return multiplier
+
+
+def stage_plan(config: TrainConfig) -> list[int]:
+    """The last step of each training stage."""
+    lengths = config.stage_lengths()
+    return [sum(lengths[: i + 1]) for i in range(len(lengths))]
+
+
+def enter_stage(model, config: TrainConfig, stage: int):
+    """Freeze what a progressive stage must not change; return its optimiser and schedule.
+
+    Stage 0 trains the first flow with the codebook (encoder, and the decoder tied to it);
+    stage s > 0 trains flow s alone, on top of the frozen flows before it.
+    """
+    lengths = config.stage_lengths()
+    if config.progressive_shares is not None:
+        flows = getattr(model, "flows", None)
+        if flows is None or len(flows) != len(lengths):
+            raise ConfigError(
+                f"progressive_shares has {len(lengths)} stages but the model has "
+                f"{0 if flows is None else len(flows)} flows",
+                hint="give one share per flow, or set TrainConfig.progressive_shares = None",
+            )
+        model.active_flows = stage + 1
+        model.requires_grad_(False)
+        flows[stage].requires_grad_(True)
+        if stage == 0:
+            model.encoder.requires_grad_(True)
+            model.decoder.requires_grad_(True)
+        logger.info("stage %d: training flow %d for %d steps", stage, stage, lengths[stage])
+    optimizer = make_optimizer(model, config)
+    schedule = cosine_schedule(config, lengths[stage])
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
 
 
 def make_optimizer(model, config: TrainConfig) -> torch.optim.Optimizer:
@@ -114,42 +181,55 @@ def make_optimizer(model, config: TrainConfig) -> torch.optim.Optimizer:
 
 def loss_terms(model, x: torch.Tensor, noise=None) -> tuple[torch.Tensor, dict]:
     """The mean NELBO in nats per token, and its parts for logging."""
-    T = x.shape[1]
     terms = model.elbo(x, noise)
-    loss = -terms.elbo.mean() / T
-    parts = {
-        "recon": -terms.log_px_z.mean().item() / T,
-        "log_q": terms.log_q.mean().item() / T,
-        "log_base": terms.log_base.mean().item() / T,
-    }
-    for index, ladj in enumerate(terms.ladj):
-        parts[f"flow/{index}/ladj"] = ladj.mean().item() / T
-    return loss, parts
+    return -terms.elbo.mean() / x.shape[1], terms.parts(x.shape[1])
 
 
 @torch.no_grad()
-def evaluate(model, windows: torch.Tensor, batch_size: int, seed: int = 1234) -> dict:
-    """The NELBO per token over every window, with noise fixed by `seed` so that evaluations
-    along a run differ only through the model."""
+def evaluate(
+    model, windows: torch.Tensor, batch_size: int, iw_samples: int = 0, seed: int = 1234
+) -> dict:
+    """Bounds per token over every window, with noise fixed by `seed` so that evaluations
+    along a run differ only through the model.
+
+    With `iw_samples` K > 1, every sequence gets K samples of z: `nelbo` is then the mean of
+    their ELBOs and `iw_nelbo` the importance-weighted bound -log mean_k exp(ELBO_k), which
+    is never looser on the same samples.
+    """
     was_training = model.training
     model.eval()
     generator = torch.Generator().manual_seed(seed)
-    dtype = next(model.parameters()).dtype
-    total, count = 0.0, 0
+    samples = max(1, iw_samples)
+    total, total_iw, count = 0.0, 0.0, 0
     for start in range(0, len(windows), batch_size):
         x = windows[start : start + batch_size]
-        noise = torch.randn(*x.shape, model.encoder.dim, generator=generator, dtype=dtype)
-        total += -model.elbo(x, noise).elbo.sum().item()
+        elbos = torch.stack(
+            [model.elbo(x, model.noise_like(x, generator)).elbo for _ in range(samples)]
+        )  # (K, B)
+        total += -elbos.mean(0).sum().item()
+        total_iw += -(torch.logsumexp(elbos, 0) - math.log(samples)).sum().item()
         count += x.numel()
     model.train(was_training)
-    return {"nelbo": total / count, "tokens": count}
+    result = {"nelbo": total / count, "tokens": count}
+    if iw_samples > 1:
+        result["iw_nelbo"] = total_iw / count
+    return result
 
 
-def validation_metrics(model, corpus: Corpus, config: TrainConfig) -> dict[str, float]:
+def validation_metrics(
+    model, corpus: Corpus, config: TrainConfig, iw_samples: int = 0
+) -> dict[str, float]:
     windows = validation_windows(corpus.val_ids, config.seq_len)
-    result = evaluate(model, windows, config.eval_batch_size)
-    report = bits_per_token_to_report(result["nelbo"], corpus.level)
-    return {"val/nelbo": result["nelbo"], **{f"val/{k}": v for k, v in report.items()}}
+    result = evaluate(model, windows, config.eval_batch_size, iw_samples)
+    metrics = {"val/nelbo": result["nelbo"]}
+    metrics.update(
+        {f"val/{k}": v for k, v in bits_per_token_to_report(result["nelbo"], corpus.level).items()}
+    )
+    if "iw_nelbo" in result:
+        metrics["val/iw_nelbo"] = result["iw_nelbo"]
+        report = bits_per_token_to_report(result["iw_nelbo"], corpus.level)
+        metrics.update({f"val/iw_{k}": v for k, v in report.items()})
+    return metrics
 
 
 @torch.no_grad()
@@ -181,8 +261,8 @@ def train(model, corpus: Corpus, config: TrainConfig, hook, run_dir: Path, progr
         progress: a factory `(total, desc) -> bar` with `update`, `set_postfix` and `close`.
     """
     sampler = WindowSampler(corpus.train_ids, config.seq_len, config.batch_size, config.seed)
-    optimizer = make_optimizer(model, config)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine_schedule(config))
+    stage_ends, stage = stage_plan(config), 0
+    optimizer, scheduler = enter_stage(model, config, stage)
     bar = progress(config.steps, "train")
     model.train()
     window = {"loss": 0.0, "count": 0, "parts": {}}
@@ -190,6 +270,9 @@ def train(model, corpus: Corpus, config: TrainConfig, hook, run_dir: Path, progr
     metrics: dict[str, float] = {}
     try:
         for step in range(1, config.steps + 1):
+            if step > stage_ends[stage]:
+                stage += 1
+                optimizer, scheduler = enter_stage(model, config, stage)
             x = sampler.next_batch()
             loss, parts = loss_terms(model, x)
             optimizer.zero_grad(set_to_none=True)
@@ -219,6 +302,8 @@ def train(model, corpus: Corpus, config: TrainConfig, hook, run_dir: Path, progr
                     metrics[name] = value / n
                 if corpus.level == "char":
                     metrics["train/bpc"] = nelbo / math.log(2)
+                if config.progressive_shares is not None:
+                    metrics["train/stage"] = stage
                 hook.tarflow_log_metrics(metrics=metrics, step=step)
                 bar.set_postfix({"nelbo": f"{nelbo:.3f}"})
                 window = {"loss": 0.0, "count": 0, "parts": {}}
@@ -231,6 +316,7 @@ def train(model, corpus: Corpus, config: TrainConfig, hook, run_dir: Path, progr
                 checkpoint.save(run_dir / "checkpoint", model, optimizer, scheduler, step)
     finally:
         bar.close()
+        model.requires_grad_(True)
 
     checkpoint.save(run_dir / "checkpoint", model, optimizer, scheduler, config.steps)
     return metrics
@@ -276,7 +362,7 @@ def run_experiment(
         train_metrics = train(model, corpus, config, hook, run_dir, progress)
         train_seconds = time.perf_counter() - started
 
-        val = validation_metrics(model, corpus, config)
+        val = validation_metrics(model, corpus, config, config.iw_samples)
         hook.tarflow_log_metrics(metrics=val, step=config.steps)
         logger.info("validation: %s", _format(val))
 

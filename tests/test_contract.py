@@ -11,7 +11,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from tarflow_core import config, registry
-from tarflow_core.model import Flow
+from tarflow_core.model import Flow, takes_encoder
 
 _, REGISTRY = registry.load()
 config.setup(REGISTRY)
@@ -22,7 +22,12 @@ CONDITIONERS = REGISTRY.names("conditioner")
 ENCODERS = REGISTRY.names("encoder")
 DECODERS = REGISTRY.names("decoder")
 CONTEXT = 6
-TOL = TOLERANCE[torch.float64]
+VOCAB = 7
+
+# Random weights at this scale keep the maps well conditioned, so a round trip measures the
+# inverse rather than the condition number of one unlucky draw.
+WEIGHT_SCALE = 0.2
+TOL = TOLERANCE[torch.float64]  # inverses solved by root finding meet this, not 1e-12
 
 sizes = {
     "batch": st.integers(1, 3),
@@ -32,13 +37,26 @@ sizes = {
 }
 
 
+def tied_encoder(factory, dim: int) -> dict:
+    """An encoder for couplings that tie themselves to the codebook, as build_model gives."""
+    if not takes_encoder(factory):
+        return {}
+
+    # Means near zero and scales near one: a smooth codebook mixture without empty gaps,
+    # where round trips would measure conditioning instead of correctness.
+    encoder = REGISTRY.get("encoder", ENCODERS[0])(VOCAB, dim).double()
+    return {"encoder": randomise(encoder, seed=11, scale=0.3)}
+
+
 def make_coupling(name: str, dim: int) -> torch.nn.Module:
-    return REGISTRY.get("coupling", name)(dim, CONTEXT).double()
+    factory = REGISTRY.get("coupling", name)
+    return factory(dim, CONTEXT, **tied_encoder(factory, dim)).double()
 
 
 def make_flow(coupling: str, direction: str, conditioner: str, dim: int, positions: int) -> Flow:
     body = REGISTRY.get("conditioner", conditioner)(dim, 1, positions)
-    coupling_module = REGISTRY.get("coupling", coupling)(dim, body.context_dim)
+    factory = REGISTRY.get("coupling", coupling)
+    coupling_module = factory(dim, body.context_dim, **tied_encoder(factory, dim))
     return Flow(REGISTRY.get("direction", direction)(), body, coupling_module).double()
 
 
@@ -47,14 +65,14 @@ def draw(generator, *shape, scale=1.0):
 
 
 def test_registry_holds_the_builtins():
-    assert {"affine", "mixture", "mixture_gaussian"} <= set(COUPLINGS)
+    assert {"affine", "mixture", "mixture_gaussian", "discrete", "discrete_tied"} <= set(COUPLINGS)
     assert {"left_to_right", "right_to_left"} <= set(DIRECTIONS)
 
 
 @pytest.mark.parametrize("name", COUPLINGS)
 @given(**sizes)
 def test_coupling_round_trip(name, batch, positions, channels, seed):
-    coupling = randomise(make_coupling(name, channels), seed)
+    coupling = randomise(make_coupling(name, channels), seed, WEIGHT_SCALE)
     generator = torch.Generator().manual_seed(seed + 1)
     h = draw(generator, batch, positions, channels, scale=2.0)
     ctx = draw(generator, batch, positions, CONTEXT)
@@ -68,7 +86,7 @@ def test_coupling_round_trip(name, batch, positions, channels, seed):
 @pytest.mark.parametrize("name", COUPLINGS)
 @given(**sizes)
 def test_coupling_ladj_matches_autograd(name, batch, positions, channels, seed):
-    coupling = randomise(make_coupling(name, channels), seed)
+    coupling = randomise(make_coupling(name, channels), seed, WEIGHT_SCALE)
     generator = torch.Generator().manual_seed(seed + 1)
     h = draw(generator, batch, positions, channels, scale=2.0)
     ctx = draw(generator, batch, positions, CONTEXT)
@@ -101,6 +119,8 @@ def test_coupling_inverse_reaches_the_tails(name, u_tail):
 @pytest.mark.parametrize("name", COUPLINGS)
 def test_new_coupling_starts_near_identity(name):
     coupling = make_coupling(name, 4)
+    if not coupling.near_identity_at_init:
+        pytest.skip(f"{type(coupling).__name__} does not start at the identity by design")
     generator = torch.Generator().manual_seed(0)
     h = draw(generator, 16, 8, 4)
     ctx = draw(generator, 16, 8, CONTEXT)
@@ -145,9 +165,8 @@ def test_conditioner_is_causal(name, positions, channels, seed):
 @pytest.mark.parametrize("direction", DIRECTIONS)
 @given(positions=st.integers(1, 4), channels=st.integers(1, 3), seed=sizes["seed"])
 def test_flow_round_trip_and_ladj(coupling, direction, positions, channels, seed):
-    flow = randomise(
-        make_flow(coupling, direction, CONDITIONERS[0], channels, positions), seed, 0.2
-    )
+    flow = make_flow(coupling, direction, CONDITIONERS[0], channels, positions)
+    randomise(flow, seed, WEIGHT_SCALE)
     h = draw(torch.Generator().manual_seed(seed + 1), 2, positions, channels, scale=1.5)
 
     u, ladj = flow(h)

@@ -1,5 +1,7 @@
 """Corpora and tokenizers: the built-in default, local files, and refusal of bad input."""
 
+import json
+
 import pytest
 import torch
 
@@ -77,3 +79,23 @@ def test_corpus_shorter_than_a_window_is_refused(tmp_path):
     corpus = data.load_corpus(str(path))
     with pytest.raises(DataError, match="fewer than one window"):
         data.WindowSampler(corpus.train_ids, 64, 2, 0)
+
+
+def test_hub_loading_code_runs_on_a_local_dataset_folder(tmp_path):
+    # `load_dataset` takes a folder exactly as it takes a hub name, so the hub code path is
+    # exercised offline on files made here.
+    rows = [{"text": f"line {i} of a small dataset"} for i in range(200)]
+    (tmp_path / "train.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    corpus = data.load_corpus(f"hub:{tmp_path}")
+    assert "small dataset" in corpus.decode(corpus.train_ids[:100])
+
+
+def test_hub_dataset_without_the_text_column_names_the_columns(tmp_path):
+    (tmp_path / "train.jsonl").write_text(json.dumps({"body": "words " * 50}))
+    with pytest.raises(DataError, match="no column 'text'.*'body'"):
+        data.load_corpus(f"hub:{tmp_path}")
+
+
+def test_unreachable_hub_dataset_is_one_clear_error():
+    with pytest.raises(DataError, match="cannot load hub dataset 'no-such-user/no-such-set'"):
+        data.load_corpus("hub:no-such-user/no-such-set")
