@@ -5,6 +5,8 @@ scalars, artifacts the operative config, tokenizer, checkpoint and samples.
 """
 
 import logging
+import socket
+import urllib.parse
 
 from tarflow_core.errors import TarflowError
 from tarflow_core.hookspecs import hookimpl
@@ -23,19 +25,37 @@ def _mlflow():
     return mlflow
 
 
+def _check_reachable(uri: str, timeout: float = 5.0) -> None:
+    """Fail in seconds, not after MLflow's minutes of retries, when a server is not there."""
+    parsed = urllib.parse.urlparse(uri)
+    if parsed.scheme not in ("http", "https"):
+        return
+    port = parsed.port or (443 if parsed.scheme == "https" else 80)
+    try:
+        socket.create_connection((parsed.hostname, port), timeout=timeout).close()
+    except OSError as error:
+        raise TarflowError(
+            f"MLflow tracking server {uri!r} cannot be reached: {error}",
+            hint="start the server, fix RunConfig.tracking_uri, or set RunConfig.track = False",
+        ) from None
+
+
 @hookimpl
 def tarflow_run_started(run):
     if not run.track:
         return
+    _check_reachable(run.tracking_uri)
     mlflow = _mlflow()
     mlflow.set_tracking_uri(run.tracking_uri)
     try:
         mlflow.set_experiment(run.experiment)
-    except Exception as error:  # unreachable server, bad URI, unwritable store
+    except Exception as error:  # bad URI, unwritable store, refused experiment name
+        first = str(error).strip().splitlines()[0] if str(error).strip() else ""
         raise TarflowError(
-            f"MLflow tracking at {run.tracking_uri!r} is not usable: {type(error).__name__}: "
-            f"{str(error).splitlines()[0] if str(error) else ''}",
-            hint="fix RunConfig.tracking_uri, or set RunConfig.track = False",
+            f"MLflow tracking at {run.tracking_uri!r} (experiment {run.experiment!r}) is not "
+            f"usable: {type(error).__name__}: {first[:200]}",
+            hint="fix RunConfig.tracking_uri or RunConfig.experiment, or set RunConfig.track = "
+            "False",
         ) from None
 
     # A study may have opened a parent run; this run then nests under it.

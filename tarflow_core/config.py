@@ -10,7 +10,11 @@ import difflib
 import inspect
 import logging
 import re
+import tokenize
+from dataclasses import dataclass
 from pathlib import Path
+
+import torch
 
 import gin
 from gin import config_parser
@@ -76,6 +80,26 @@ def build_configured_model(run_config, vocab_size: int, seq_len: int, registry):
     return configured(builder)(vocab_size=vocab_size, seq_len=seq_len, registry=registry)
 
 
+@dataclass
+class Experiment:
+    """What the parsed gin configuration describes, built and ready to train."""
+
+    corpus: data.Corpus
+    train_config: train.TrainConfig
+    run_config: train.RunConfig
+    model: torch.nn.Module
+
+
+def build_experiment(registry) -> Experiment:
+    """Load the corpus, read the configs, seed, and build the model, all from gin."""
+    corpus = configured("load_corpus")()
+    train_config = configured("TrainConfig")()
+    run_config = configured("RunConfig")()
+    torch.manual_seed(train_config.seed)
+    model = build_configured_model(run_config, corpus.vocab_size, train_config.seq_len, registry)
+    return Experiment(corpus, train_config, run_config, model)
+
+
 def resolve_gin_file(path: str) -> str:
     """A gin file as given, or relative to the project root or its gin folder."""
     for candidate in (Path(path), PROJECT_GIN_DIR.parent / path, PROJECT_GIN_DIR / path):
@@ -99,8 +123,12 @@ def parse(files: list[str], bindings: list[str]) -> None:
     try:
         with _quiet_include_search():
             gin.parse_config_files_and_bindings(resolved, bindings, finalize_config=False)
-    except (ValueError, KeyError, SyntaxError, TypeError, OSError) as error:
+    except (ValueError, KeyError, SyntaxError, TypeError, OSError, ImportError) as error:
         raise ConfigError(*_explain(error)) from None
+    except tokenize.TokenError as error:
+        raise ConfigError(
+            f"bad gin configuration: {error.args[0]}", hint="check brackets and quotes"
+        ) from None
 
 
 class _DropGinSearchNoise(logging.Filter):

@@ -48,6 +48,16 @@ class Corpus:
 
 def read_text(source: str, text_column: str = "text", max_chars: int | None = None) -> str:
     """The whole text of a source, as one string."""
+    if not isinstance(source, str) or not source.strip():
+        raise DataError(
+            f"load_corpus.source = {source!r} is not a corpus",
+            hint="give a path to a UTF-8 text file or folder, 'builtin:pydoc', or 'hub:NAME'",
+        )
+    if max_chars is not None and (not isinstance(max_chars, int) or max_chars < 1):
+        raise DataError(
+            f"load_corpus.max_chars = {max_chars!r} is not a positive whole number",
+            hint="use None to read the whole corpus",
+        )
     if source == BUILTIN_PYDOC:
         text = _builtin_pydoc()
     elif source.startswith("hub:"):
@@ -73,6 +83,8 @@ def _builtin_pydoc() -> str:
 def _local_files(path: Path) -> list[Path]:
     if path.is_file():
         return [path]
+    if path.exists() and not path.is_dir():
+        raise DataError(f"{str(path)!r} is not a regular file", hint="copy the text to a file")
     if path.is_dir():
         files = sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith("."))
         if not files:
@@ -85,7 +97,10 @@ def _local_files(path: Path) -> list[Path]:
 
 
 def _check_text_file(path: Path) -> None:
-    data = path.read_bytes()
+    try:
+        data = path.read_bytes()
+    except OSError as error:
+        raise DataError(f"cannot read {str(path)!r}: {error.strerror}") from None
     if b"\x00" in data[:65536]:
         raise DataError(f"{str(path)!r} looks binary (it has NUL bytes)", hint="use a text file")
     try:
@@ -180,8 +195,11 @@ def load_corpus(
     """
     if tokenizer not in TOKENIZER_LEVELS:
         raise DataError(f"unknown tokenizer {tokenizer!r}", hint=f"use one of {TOKENIZER_LEVELS}")
-    if not 0 < val_fraction < 1:
-        raise DataError(f"val_fraction must lie in (0, 1), not {val_fraction}")
+    if not isinstance(val_fraction, (int, float)) or not 0 < val_fraction < 1:
+        raise DataError(
+            f"load_corpus.val_fraction must lie in (0, 1), not {val_fraction!r}",
+            hint="0.1 keeps the last 10 % of the text for validation",
+        )
 
     text = read_text(source, text_column, max_chars)
     cut = int(len(text) * (1 - val_fraction))

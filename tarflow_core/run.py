@@ -6,6 +6,7 @@ python -m tarflow_core.run --gin gin/mixture.gin [--bind 'TrainConfig.steps = 10
 import argparse
 import logging
 import os
+import signal
 import sys
 
 import torch
@@ -37,9 +38,26 @@ def parse_args(argv):
     parser.add_argument(
         "--list-components", action="store_true", help="list registered components and exit"
     )
-    parser.add_argument("--log-level", default="INFO", help="logging level (default INFO)")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    parser.add_argument(
+        "--log-level",
+        default="INFO",
+        type=str.upper,
+        choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+        help="logging level (default INFO)",
+    )
+    parser.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads")
     return parser.parse_args(argv)
+
+
+def positive_int(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive whole number, not {text!r}")
+    return int(text)
+
+
+def stop_on_sigterm(signum, frame):
+    """Turn SIGTERM into the interrupt path, so checkpoints are saved and trackers closed."""
+    raise KeyboardInterrupt
 
 
 class LogProgress:
@@ -78,8 +96,12 @@ def print_summary(summary: dict) -> None:
     print(f"val NELBO:       {val['val/nelbo']:.4f} nats/token (upper bound)")
     if "val/bpc" in val:
         print(f"val bits/char:   {val['val/bpc']:.4f} (upper bound)")
+    if "val/iw_bpc" in val:
+        print(f"  IW bound:      {val['val/iw_bpc']:.4f} (importance-weighted, tighter)")
     if "val/ppl" in val:
         print(f"val perplexity:  {val['val/ppl']:.2f} (upper bound)")
+    if "val/iw_ppl" in val:
+        print(f"  IW bound:      {val['val/iw_ppl']:.2f} (importance-weighted, tighter)")
     for index, text in enumerate(summary["samples"]):
         print(f"\n--- sample {index} ---\n{text}")
 
@@ -87,8 +109,9 @@ def print_summary(summary: dict) -> None:
 def main(argv=None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(
-        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+        level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    signal.signal(signal.SIGTERM, stop_on_sigterm)
     if args.threads:
         torch.set_num_threads(args.threads)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -108,23 +131,26 @@ def main(argv=None) -> int:
         config.setup(components)
         config.parse(args.gin, args.bind)
 
-        corpus = config.configured("load_corpus")()
-        train_config = config.configured("TrainConfig")()
-        run_config = config.configured("RunConfig")()
-        torch.manual_seed(train_config.seed)
-        model = config.build_configured_model(
-            run_config, corpus.vocab_size, train_config.seq_len, components
-        )
+        try:
+            experiment = config.build_experiment(components)
+        except (ValueError, TypeError, ZeroDivisionError) as error:
+            # Components refuse bad settings with plain exceptions; gin appends its call
+            # chain on later lines.
+            first = str(error).strip().splitlines()[0] if str(error).strip() else ""
+            raise TarflowError(
+                f"invalid configuration: {type(error).__name__}: {first}",
+                hint="check the values bound in the gin files and --bind",
+            ) from None
         operative = config.operative_config()
 
         from tarflow_core.train import run_experiment
 
         with logging_redirect_tqdm():
             summary = run_experiment(
-                model,
-                corpus,
-                train_config,
-                run_config,
+                experiment.model,
+                experiment.corpus,
+                experiment.train_config,
+                experiment.run_config,
                 pm.hook,
                 operative,
                 config.flat_bindings(operative),
@@ -134,7 +160,7 @@ def main(argv=None) -> int:
         print(f"error: {error.one_line()}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("interrupted; the last checkpoint is in the run folder", file=sys.stderr)
+        print("interrupted; a run that had started training kept a checkpoint", file=sys.stderr)
         return 130
     print_summary(summary)
     return 0

@@ -2,6 +2,7 @@
 
 import logging
 import math
+import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
@@ -17,7 +18,7 @@ from tarflow_core.data import (
     save_tokenizer,
     validation_windows,
 )
-from tarflow_core.errors import ConfigError
+from tarflow_core.errors import ConfigError, TarflowError
 
 logger = logging.getLogger(__name__)
 
@@ -46,12 +47,24 @@ class TrainConfig:
     iw_samples: int = 0  # samples of z per sequence for the final importance-weighted bound
 
     def __post_init__(self):
-        if self.steps < 1 or self.batch_size < 1 or self.seq_len < 1:
-            raise ConfigError(
-                f"steps, batch_size and seq_len must be positive, not {self.steps}, "
-                f"{self.batch_size} and {self.seq_len}",
-                hint="check the TrainConfig bindings",
-            )
+        positive_ints = (
+            "steps",
+            "batch_size",
+            "seq_len",
+            "warmup_steps",
+            "log_every",
+            "eval_every",
+            "eval_batch_size",
+            "checkpoint_every",
+        )
+        for name in positive_ints:
+            _require(self, name, int, lambda v: v >= 1, "a positive whole number")
+        _require(self, "iw_samples", int, lambda v: v >= 0, "a whole number, 0 to skip")
+        _require(self, "seed", int, lambda v: True, "a whole number")
+        _require(self, "lr", float, lambda v: v > 0, "a positive number")
+        _require(self, "weight_decay", float, lambda v: v >= 0, "a number >= 0")
+        _require(self, "min_lr_ratio", float, lambda v: 0 <= v <= 1, "a number in [0, 1]")
+        _require(self, "grad_clip", float, lambda v: v > 0, "a positive number")
         if self.progressive_shares is not None:
             lengths = self.stage_lengths()
             if min(self.progressive_shares) <= 0 or min(lengths) < 1:
@@ -70,6 +83,19 @@ class TrainConfig:
         return [end - start for start, end in zip([0, *ends[:-1]], ends, strict=True)]
 
 
+def _require(config, name: str, kind: type, valid, expected: str) -> None:
+    """Refuse a config field of the wrong type or range, naming it and what it should be."""
+    value = getattr(config, name)
+    numeric = kind is float and isinstance(value, int) and not isinstance(value, bool)
+    if (isinstance(value, kind) and not isinstance(value, bool)) or numeric:
+        if valid(value):
+            return
+    raise ConfigError(
+        f"{type(config).__name__}.{name} = {value!r} is not {expected}",
+        hint=f"bind it in a gin file or with --bind '{type(config).__name__}.{name} = ...'",
+    )
+
+
 @dataclass
 class RunConfig:
     """Where a run is written and tracked, and what it samples at the end."""
@@ -82,6 +108,22 @@ class RunConfig:
     experiment: str = "tarflow"
     num_samples: int = 4
     sample_temperature: float = 1.0
+
+    def __post_init__(self):
+        for name in ("name", "model", "output_dir", "tracking_uri", "experiment"):
+            _require(self, name, str, lambda v: v.strip() != "", "a non-empty string")
+        if "/" in self.name or "\\" in self.name or self.name.startswith("."):
+            raise ConfigError(
+                f"RunConfig.name = {self.name!r} must be a plain name, not a path",
+                hint="set RunConfig.output_dir to choose where runs are written",
+            )
+        if not isinstance(self.track, bool):
+            raise ConfigError(
+                f"RunConfig.track = {self.track!r} is not True or False",
+                hint="write RunConfig.track = False (no quotes)",
+            )
+        _require(self, "num_samples", int, lambda v: v >= 0, "a whole number >= 0")
+        _require(self, "sample_temperature", float, lambda v: v > 0, "a positive number")
 
 
 @dataclass
@@ -221,14 +263,12 @@ def validation_metrics(
 ) -> dict[str, float]:
     windows = validation_windows(corpus.val_ids, config.seq_len)
     result = evaluate(model, windows, config.eval_batch_size, iw_samples)
-    metrics = {"val/nelbo": result["nelbo"]}
-    metrics.update(
-        {f"val/{k}": v for k, v in bits_per_token_to_report(result["nelbo"], corpus.level).items()}
-    )
-    if "iw_nelbo" in result:
-        metrics["val/iw_nelbo"] = result["iw_nelbo"]
-        report = bits_per_token_to_report(result["iw_nelbo"], corpus.level)
-        metrics.update({f"val/iw_{k}": v for k, v in report.items()})
+    metrics = {}
+    for prefix, key in (("", "nelbo"), ("iw_", "iw_nelbo")):
+        if key in result:
+            report = bits_per_token_to_report(result[key], corpus.level)
+            metrics[f"val/{key}"] = result[key]
+            metrics.update({f"val/{prefix}{name}": value for name, value in report.items()})
     return metrics
 
 
@@ -268,6 +308,7 @@ def train(model, corpus: Corpus, config: TrainConfig, hook, run_dir: Path, progr
     window = {"loss": 0.0, "count": 0, "parts": {}}
     started = time.perf_counter()
     metrics: dict[str, float] = {}
+    step = 0
     try:
         for step in range(1, config.steps + 1):
             if step > stage_ends[stage]:
@@ -314,6 +355,11 @@ def train(model, corpus: Corpus, config: TrainConfig, hook, run_dir: Path, progr
                 logger.info("step %d: %s", step, _format(val))
             if step % config.checkpoint_every == 0 and step != config.steps:
                 checkpoint.save(run_dir / "checkpoint", model, optimizer, scheduler, step)
+    except KeyboardInterrupt:
+        # Keep the work done so far; the step is the last completed one.
+        checkpoint.save(run_dir / "checkpoint", model, optimizer, scheduler, max(0, step - 1))
+        logger.warning("interrupted at step %d; checkpoint saved in %s", step, run_dir)
+        raise
     finally:
         bar.close()
         model.requires_grad_(True)
@@ -337,7 +383,17 @@ def run_experiment(
     progress=null_progress,
 ) -> dict:
     """The main job: train, score the validation split, sample, and record it all."""
-    run_dir = new_run_dir(run)
+
+    # Everything that can be checked without training is checked before anything is written.
+    validation_windows(corpus.val_ids, config.seq_len)
+    WindowSampler(corpus.train_ids, config.seq_len, config.batch_size, config.seed)
+    try:
+        run_dir = new_run_dir(run)
+    except OSError as error:
+        raise TarflowError(
+            f"cannot create a run folder under {run.output_dir!r}: {error.strerror}",
+            hint="set RunConfig.output_dir to a writable folder",
+        ) from None
     (run_dir / "operative_config.gin").write_text(config_text)
     save_tokenizer(corpus, run_dir / "tokenizer.json")
     info = RunInfo(
@@ -353,7 +409,12 @@ def run_experiment(
     num_params = sum(p.numel() for p in model.parameters())
     logger.info("run folder %s; %.2fM parameters", run_dir, num_params / 1e6)
 
-    hook.tarflow_run_started(run=info)
+    try:
+        hook.tarflow_run_started(run=info)
+    except BaseException:
+        # Nothing has been trained: leave no half-written run behind.
+        shutil.rmtree(run_dir, ignore_errors=True)
+        raise
     status = "FAILED"
     try:
         hook.tarflow_log_artifact(path=run_dir / "operative_config.gin")

@@ -63,11 +63,8 @@ def test_progressive_training_freezes_what_it_must(components, shakespeare, tmp_
             "TrainConfig.log_every = 1",
         ],
     )
-    corpus = config.configured("load_corpus")()
-    train_config = config.configured("TrainConfig")()
-    model = config.configured("build_model")(
-        vocab_size=corpus.vocab_size, seq_len=train_config.seq_len, registry=components
-    )
+    experiment = config.build_experiment(components)
+    corpus, train_config, model = experiment.corpus, experiment.train_config, experiment.model
     snapshots = {0: {k: v.clone() for k, v in model.state_dict().items()}}
 
     class Snapshots:
@@ -93,11 +90,8 @@ def test_stages_must_match_the_flows(components, shakespeare, tmp_path):
         ["gin/discrete.gin", "gin/runs/tiny.gin"],
         [f"load_corpus.source = '{shakespeare}'", "TrainConfig.progressive_shares = [1, 1]"],
     )
-    corpus = config.configured("load_corpus")()
-    train_config = config.configured("TrainConfig")()
-    model = config.configured("build_model")(
-        vocab_size=corpus.vocab_size, seq_len=train_config.seq_len, registry=components
-    )
+    experiment = config.build_experiment(components)
+    corpus, train_config, model = experiment.corpus, experiment.train_config, experiment.model
     with pytest.raises(config.ConfigError, match="2 stages but the model has 3 flows"):
         train.train(model, corpus, train_config, None, tmp_path)
 
@@ -105,11 +99,8 @@ def test_stages_must_match_the_flows(components, shakespeare, tmp_path):
 @pytest.mark.parametrize("gin_file", ["gin/mixture.gin", "gin/discrete.gin", "gin/ar.gin"])
 def test_importance_weighted_bound_is_never_looser(components, shakespeare, gin_file):
     config.parse([gin_file, "gin/runs/tiny.gin"], [f"load_corpus.source = '{shakespeare}'"])
-    corpus = config.configured("load_corpus")()
-    train_config = config.configured("TrainConfig")()
-    model = config.build_configured_model(
-        config.configured("RunConfig")(), corpus.vocab_size, train_config.seq_len, components
-    )
+    experiment = config.build_experiment(components)
+    corpus, train_config, model = experiment.corpus, experiment.train_config, experiment.model
     windows = corpus.val_ids[: 8 * train_config.seq_len].view(8, -1)
 
     result = train.evaluate(model, windows, batch_size=4, iw_samples=6)

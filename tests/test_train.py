@@ -37,13 +37,8 @@ def build(components, gin_file, shakespeare, bindings=()):
     config.parse(
         [gin_file, "gin/runs/tiny.gin"], [f"load_corpus.source = '{shakespeare}'", *bindings]
     )
-    corpus = config.configured("load_corpus")()
-    train_config = config.configured("TrainConfig")()
-    torch.manual_seed(train_config.seed)
-    model = config.configured("build_model")(
-        vocab_size=corpus.vocab_size, seq_len=train_config.seq_len, registry=components
-    )
-    return corpus, train_config, model
+    experiment = config.build_experiment(components)
+    return experiment.corpus, experiment.train_config, experiment.model
 
 
 @pytest.mark.parametrize("gin_file", HEADLINE_GIN)
@@ -138,6 +133,10 @@ def test_command_line_run_is_complete_and_tracked(tmp_path, shakespeare):
             "no coupling named 'afine'",
         ),
         (["--gin", "gin/nope.gin"], "no gin file"),
+        (["--gin", "gin/mixture.gin", "--bind", "HEADS = 3"], "not divisible by num_heads"),
+        (["--gin", "gin/mixture.gin", "--bind", "TrainConfig.log_every = 0"], "log_every = 0"),
+        (["--gin", "gin/mixture.gin", "--bind", "RunConfig.track = 'no'"], "track = 'no'"),
+        (["--gin", "gin/mixture.gin", "--bind", "STEPS = [1"], "bad gin configuration"),
         (
             ["--gin", "gin/mixture.gin", "--bind", "load_corpus.source = '/no/such.txt'"],
             "no such file or folder",
@@ -156,3 +155,30 @@ def test_command_line_errors_are_one_line_with_a_hint(args, message):
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith("error: ") and message in last and "hint:" in last
     assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("bindings", "message"),
+    [
+        (["load_corpus.source = '{short}'"], "fewer than one window"),
+        (["load_corpus.val_fraction = 0.0001"], "validation split has"),
+        (
+            ["RunConfig.track = True", "RunConfig.tracking_uri = 'http://127.0.0.1:9/'"],
+            "cannot be reached",
+        ),
+    ],
+)
+def test_failed_starts_leave_no_run_folder(tmp_path, shakespeare, bindings, message):
+    short = tmp_path / "short.txt"
+    short.write_text("too short\n")
+    args = [sys.executable, "-m", "tarflow_core.run", "--gin", "gin/mixture.gin"]
+    args += ["--gin", "gin/runs/tiny.gin", "--bind", f"load_corpus.source = '{shakespeare}'"]
+    args += ["--bind", f"RunConfig.output_dir = '{tmp_path / 'runs'}'"]
+    for binding in bindings:
+        args += ["--bind", binding.format(short=short)]
+
+    result = subprocess.run(args, cwd=REPO, capture_output=True, text=True, timeout=120)
+
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert message in result.stderr.strip().splitlines()[-1]
+    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
