@@ -1,4 +1,4 @@
-"""Affine coupling (TarFlow, Zhai et al. 2024; DESIGN.md section 2).
+"""Affine coupling (TarFlow: Zhai et al. 2024, Normalizing Flows are Capable Generative Models).
 
 u_t = (h_t - b_t) * exp(-a_t), ladj = -sum a_t. Weak on text (the worst row of Zhang et al.
 2025, Table 1) and kept as the reference point of every ablation.

@@ -1,4 +1,4 @@
-"""Gaussian codebook encoder and the decoder tied to it by Bayes' rule (DESIGN.md section 1).
+"""Gaussian codebook encoder and its Bayes-tied decoder (Zhang et al. 2025, arXiv 2507.00425).
 
 Token k owns a mean mu[k] in R^D and one scale sigma[k]: q(z_t | x_t = k) = N(mu[k], sigma[k]^2 I).
 The decoder has no parameters of its own: with a uniform token prior,

@@ -1,4 +1,4 @@
-"""The causal-transformer conditioner (DESIGN.md section 2; TarFlow, Zhai et al. 2024).
+"""The causal-transformer conditioner (TarFlow, Zhai et al. 2024).
 
 The input is shifted right by one with a learned start vector in front, so the features of
 position t are computed from positions before t only, in the flow's own order.

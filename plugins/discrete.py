@@ -1,4 +1,4 @@
-"""Discrete-equivalent coupling: the Mix-d flow of Zhang et al. 2025 (DESIGN.md section 2).
+"""Discrete-equivalent coupling: the Mix-d flow of Zhang et al. 2025.
 
 Each position is an isotropic Gaussian mixture, p(h_t | h_<t) = sum_k pi_k N(h_t; mu_k, s_k^2 I),
 with the weights pi predicted from the context like a language model's next-token logits. The

@@ -1,4 +1,4 @@
-"""Mixture-CDF coupling: the Mix-1 flow of Zhang et al. 2025 (DESIGN.md section 2).
+"""Mixture-CDF coupling: the Mix-1 flow of Zhang et al. 2025.
 
 Inside a position the channels are transformed one after another. Channel i gets a 1-D mixture
 of K components (logistic as in Flow++, Ho et al. 2019, or Gaussian) whose weights, locations

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from tarflow_core.interfaces import LanguageModel
 from tarflow_core.transformer import CausalTransformer
 
 logger = logging.getLogger(__name__)
@@ -31,7 +32,7 @@ class ExactLikelihood:
         return {}
 
 
-class AutoregressiveLM(nn.Module):
+class AutoregressiveLM(LanguageModel):
     """Token embedding, causal transformer, softmax head, cross-entropy."""
 
     def __init__(

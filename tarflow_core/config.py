@@ -95,7 +95,7 @@ def build_experiment(registry) -> Experiment:
     corpus = configured("load_corpus")()
     train_config = configured("TrainConfig")()
     run_config = configured("RunConfig")()
-    torch.manual_seed(train_config.seed)
+    torch.manual_seed(train.stream_seed(train_config.seed, "init"))
     model = build_configured_model(run_config, corpus.vocab_size, train_config.seq_len, registry)
     return Experiment(corpus, train_config, run_config, model)
 

@@ -116,3 +116,41 @@ class Coupling(nn.Module, ABC):
     @abstractmethod
     def inverse(self, u: torch.Tensor, ctx: torch.Tensor) -> torch.Tensor:
         """(u (B, T, D), ctx (B, T, C)) -> h (B, T, D)."""
+
+
+class LanguageModel(nn.Module, ABC):
+    """What the training harness needs of a model: a bound to optimise, and samples.
+
+    Implemented by the TarFlowLM and by the discrete autoregressive baseline, so both train,
+    evaluate and sample through the same code.
+
+    Attributes:
+        vocab_size: V.
+    """
+
+    vocab_size: int
+
+    @abstractmethod
+    def noise_like(self, x: torch.Tensor, generator=None):
+        """The noise one evaluation of the bound draws for tokens x (B, T), or None."""
+
+    @abstractmethod
+    def elbo(self, x: torch.Tensor, noise=None):
+        """A lower bound on log p(x) for tokens x (B, T).
+
+        Returns an object with `.elbo`, the bound summed per sequence (B,), and `.parts(T)`,
+        a dict of per-token scalars worth logging.
+        """
+
+    @abstractmethod
+    def sample(
+        self,
+        num_samples: int,
+        length: int,
+        temperature: float = 1.0,
+        generator: torch.Generator | None = None,
+        on_pass=None,
+        on_position=None,
+    ) -> torch.Tensor:
+        """Tokens (num_samples, length). `on_position()` is called after each position is
+        generated, `on_pass(index, z)` after each pass of a multi-pass model."""

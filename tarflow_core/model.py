@@ -13,7 +13,15 @@ import torch
 from torch import nn
 
 from tarflow_core.errors import ConfigError
-from tarflow_core.interfaces import Conditioner, Coupling, Decoder, Direction, Encoder, Prior
+from tarflow_core.interfaces import (
+    Conditioner,
+    Coupling,
+    Decoder,
+    Direction,
+    Encoder,
+    LanguageModel,
+    Prior,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -89,7 +97,7 @@ def channel_shuffle(D: int, P: int) -> torch.Tensor:
     return torch.cat([torch.arange(0, D, 2), torch.arange(1, D, 2)])
 
 
-class TarFlowLM(nn.Module):
+class TarFlowLM(LanguageModel):
     """A VAE whose prior is a stack of autoregressive flows (Zhang et al. 2025)."""
 
     def __init__(

@@ -15,6 +15,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 from tarflow_core import config, registry
 from tarflow_core.errors import TarflowError
+from tarflow_core.train import run_experiment
 
 logger = logging.getLogger("tarflow_core.run")
 
@@ -97,11 +98,11 @@ def print_summary(summary: dict) -> None:
     if "val/bpc" in val:
         print(f"val bits/char:   {val['val/bpc']:.4f} (upper bound)")
     if "val/iw_bpc" in val:
-        print(f"  IW bound:      {val['val/iw_bpc']:.4f} (importance-weighted, tighter)")
+        print(f"  IW bits/char:  {val['val/iw_bpc']:.4f} (importance-weighted, tighter)")
     if "val/ppl" in val:
         print(f"val perplexity:  {val['val/ppl']:.2f} (upper bound)")
     if "val/iw_ppl" in val:
-        print(f"  IW bound:      {val['val/iw_ppl']:.2f} (importance-weighted, tighter)")
+        print(f"  IW perplexity: {val['val/iw_ppl']:.2f} (importance-weighted, tighter)")
     for index, text in enumerate(summary["samples"]):
         print(f"\n--- sample {index} ---\n{text}")
 
@@ -142,8 +143,6 @@ def main(argv=None) -> int:
                 hint="check the values bound in the gin files and --bind",
             ) from None
         operative = config.operative_config()
-
-        from tarflow_core.train import run_experiment
 
         with logging_redirect_tqdm():
             summary = run_experiment(

@@ -139,7 +139,11 @@ def normal_to_mixture(u, log_weights, loc, log_scale, family: str, max_iter: int
         step = x - g / slope
         newton = (step > lo) & (step < hi) & torch.isfinite(step) & ~stalled
         new_x = torch.where(newton, step, 0.5 * (lo + hi))
-        converged = ((new_x - x).abs() <= 4 * eps * (1 + x.abs())) | (g == 0)
+
+        # An exact root, or a value that already converged, stays where it is.
+        settled = converged | (g == 0)
+        new_x = torch.where(settled, x, new_x)
+        converged = settled | ((new_x - x).abs() <= 4 * eps * (1 + x.abs()))
         x = new_x
         if bool(converged.all()):
             break

@@ -4,6 +4,7 @@ import logging
 import math
 import shutil
 import time
+import zlib
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -81,6 +82,13 @@ class TrainConfig:
         shares = list(self.progressive_shares)
         ends = [round(self.steps * sum(shares[: i + 1]) / sum(shares)) for i in range(len(shares))]
         return [end - start for start, end in zip([0, *ends[:-1]], ends, strict=True)]
+
+
+def stream_seed(seed: int, stream: str) -> int:
+    """A seed of its own for each random stream of a run (model initialisation, data order,
+    sampling), derived from the run's one seed. With the same seed everywhere, the sampling
+    noise would replay the noise that initialised the codebook."""
+    return zlib.crc32(f"{stream}:{seed}".encode())
 
 
 def _require(config, name: str, kind: type, valid, expected: str) -> None:
@@ -300,7 +308,9 @@ def train(model, corpus: Corpus, config: TrainConfig, hook, run_dir: Path, progr
         hook: the plugin manager's hook relay (`pm.hook`); metrics and artifacts go through it.
         progress: a factory `(total, desc) -> bar` with `update`, `set_postfix` and `close`.
     """
-    sampler = WindowSampler(corpus.train_ids, config.seq_len, config.batch_size, config.seed)
+    sampler = WindowSampler(
+        corpus.train_ids, config.seq_len, config.batch_size, stream_seed(config.seed, "data")
+    )
     stage_ends, stage = stage_plan(config), 0
     optimizer, scheduler = enter_stage(model, config, stage)
     bar = progress(config.steps, "train")
@@ -428,7 +438,12 @@ def run_experiment(
         logger.info("validation: %s", _format(val))
 
         samples = sample_texts(
-            model, corpus, run.num_samples, config.seq_len, run.sample_temperature, config.seed
+            model,
+            corpus,
+            run.num_samples,
+            config.seq_len,
+            run.sample_temperature,
+            stream_seed(config.seed, "sample"),
         )
         samples_path = run_dir / "samples.txt"
         samples_path.write_text("\n\n".join(f"--- sample {i}\n{s}" for i, s in enumerate(samples)))

@@ -7,7 +7,7 @@ is tested here without being added to a list. Everything runs in float64.
 import pytest
 import torch
 from helpers import TOLERANCE, per_sequence_logdet, randomise
-from hypothesis import given
+from hypothesis import example, given, note
 from hypothesis import strategies as st
 
 from tarflow_core import config, registry
@@ -24,10 +24,13 @@ DECODERS = REGISTRY.names("decoder")
 CONTEXT = 6
 VOCAB = 7
 
-# Random weights at this scale keep the maps well conditioned, so a round trip measures the
-# inverse rather than the condition number of one unlucky draw.
+# Random weights at this scale keep the maps well conditioned, so a round trip in h measures
+# the inverse rather than the condition number of one draw. Larger weights saturate the
+# mixtures' log scales (components from e^-7 to e^7 wide), where h is determined only to
+# about 1e-6 relative; the u-space test below covers that regime.
 WEIGHT_SCALE = 0.2
-TOL = TOLERANCE[torch.float64]  # inverses solved by root finding meet this, not 1e-12
+EXTREME_WEIGHT_SCALE = 0.5
+TOL = TOLERANCE[torch.float64]
 
 sizes = {
     "batch": st.integers(1, 3),
@@ -164,6 +167,8 @@ def test_conditioner_is_causal(name, positions, channels, seed):
 @pytest.mark.parametrize("coupling", COUPLINGS)
 @pytest.mark.parametrize("direction", DIRECTIONS)
 @given(positions=st.integers(1, 4), channels=st.integers(1, 3), seed=sizes["seed"])
+# The root finder once left an exact root for a bisection midpoint (1e-4 off) on this draw.
+@example(positions=2, channels=2, seed=3347)
 def test_flow_round_trip_and_ladj(coupling, direction, positions, channels, seed):
     flow = make_flow(coupling, direction, CONDITIONERS[0], channels, positions)
     randomise(flow, seed, WEIGHT_SCALE)
@@ -175,6 +180,20 @@ def test_flow_round_trip_and_ladj(coupling, direction, positions, channels, seed
     torch.testing.assert_close(
         ladj, per_sequence_logdet(lambda v: flow(v)[0], h), atol=1e-6, rtol=1e-6
     )
+
+
+@pytest.mark.parametrize("coupling", COUPLINGS)
+@given(positions=st.integers(1, 4), channels=st.integers(1, 3), seed=sizes["seed"])
+def test_flow_inverse_holds_at_extreme_weights(coupling, positions, channels, seed):
+    flow = make_flow(coupling, DIRECTIONS[0], CONDITIONERS[0], channels, positions)
+    randomise(flow, seed, EXTREME_WEIGHT_SCALE)
+    u = draw(torch.Generator().manual_seed(seed + 1), 2, positions, channels)
+
+    h = flow.inverse(u)
+
+    note(f"largest |h| {h.abs().max().item():.3g}")
+    assert torch.isfinite(h).all()
+    torch.testing.assert_close(flow(h)[0], u, atol=1e-6, rtol=1e-6)
 
 
 @pytest.mark.parametrize("coupling", COUPLINGS)

@@ -182,3 +182,15 @@ def test_failed_starts_leave_no_run_folder(tmp_path, shakespeare, bindings, mess
     assert result.returncode == 2, result.stderr[-2000:]
     assert message in result.stderr.strip().splitlines()[-1]
     assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
+
+
+def test_sampling_noise_is_not_the_initialisation_noise(components, shakespeare):
+    # With one seed for every stream, an untrained identity-like model decoded token id = flat
+    # position: the base noise replayed the noise that drew the codebook.
+    _, train_config, model = build(components, "gin/affine.gin", shakespeare)
+    generator = torch.Generator().manual_seed(train.stream_seed(train_config.seed, "sample"))
+
+    sampled = model.sample(2, train_config.seq_len, 1.0, generator).flatten()
+
+    positions = torch.arange(len(sampled)) % model.vocab_size
+    assert (sampled == positions).float().mean() < 0.2
