@@ -36,7 +36,6 @@ class Corpus:
     level: str  # "char" or "bpe"
     train_ids: torch.Tensor  # (N_train,) long
     val_ids: torch.Tensor  # (N_val,) long
-    val_chars: int
 
     @property
     def vocab_size(self) -> int:
@@ -227,7 +226,7 @@ def load_corpus(
         len(train_ids),
         len(val_ids),
     )
-    return Corpus(source, tok, tokenizer, train_ids, val_ids, len(val_text))
+    return Corpus(source, tok, tokenizer, train_ids, val_ids)
 
 
 class WindowSampler:
