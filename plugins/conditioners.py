@@ -35,6 +35,16 @@ class CausalTransformerConditioner(Conditioner):
         start = self.start.to(x.dtype).expand(B, 1, -1)
         return self.body(torch.cat([start, x], dim=1))
 
+    def begin_decoding(self, batch, dim, dtype):
+        # The cache holds every layer's keys and values, so each later step runs the
+        # transformer over the new positions only.
+        cache = self.body.new_cache(batch, dtype)
+        start = self.start.to(dtype).expand(batch, 1, -1)
+        return cache, self.body(start, cache)
+
+    def continue_decoding(self, state, h):
+        return self.body(self.embed(h), state)
+
 
 @hookimpl
 def tarflow_register_components(registry):

@@ -17,6 +17,7 @@ import math
 import torch
 from torch import nn
 
+from tarflow_core.errors import ConfigError
 from tarflow_core.hookspecs import hookimpl
 from tarflow_core.interfaces import Coupling
 from tarflow_core.special import LOG_SQRT_2PI, mixture_to_normal, normal_to_mixture
@@ -75,9 +76,10 @@ class TiedDiscreteCoupling(_IsotropicMixtureCoupling):
     def __init__(self, dim: int, context_dim: int, encoder: nn.Module):
         super().__init__()
         if encoder.dim != dim:
-            raise ValueError(
+            raise ConfigError(
                 f"the tied discrete coupling needs one token per position (D = d = "
-                f"{encoder.dim}) but got D = {dim}; use patch size 1 or the untied 'discrete'"
+                f"{encoder.dim}) but got D = {dim}",
+                hint="use patch size 1 with it, or the untied 'discrete' coupling",
             )
         self.dim, self.context_dim = dim, context_dim
 

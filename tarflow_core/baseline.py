@@ -75,21 +75,30 @@ class AutoregressiveLM(LanguageModel):
         generator: torch.Generator | None = None,
         on_pass=None,
         on_position=None,
+        prompt: torch.Tensor | None = None,
+        prompt_rounds: int = 3,
     ) -> torch.Tensor:
-        """Tokens (num_samples, length), one position at a time.
-
-        TODO: each step re-runs the transformer over the whole prefix; a key-value cache
-        would make a step cost one position.
+        """Tokens (num_samples, length), one position at a time, with a key-value cache so each
+        step runs the transformer over one new position. A prompt (num_samples, T_p) is read
+        in one pass and its tokens are kept; `prompt_rounds` is unused (conditioning is exact).
         """
-        x = torch.zeros(num_samples, 0, dtype=torch.long)
-        for _ in range(length):
-            padded = torch.cat([x, torch.zeros(num_samples, 1, dtype=torch.long)], dim=1)
-            logits = self.logits(padded)[:, -1] / max(temperature, 1e-6)
+        cache = self.body.new_cache(num_samples, self.start.dtype)
+        inputs = self.start.expand(num_samples, 1, -1)
+        tokens = []
+        if prompt is not None and prompt.shape[1] > 0:
+            if prompt.shape[1] >= length:
+                raise ValueError(f"a prompt of {prompt.shape[1]} tokens leaves none to generate")
+            inputs = torch.cat([inputs, self.embed(prompt)], dim=1)
+            tokens.append(prompt)
+
+        for _ in range(length - sum(part.shape[1] for part in tokens)):
+            logits = self.head(self.body(inputs, cache)[:, -1]) / max(temperature, 1e-6)
             next_token = torch.multinomial(torch.softmax(logits, -1), 1, generator=generator)
-            x = torch.cat([x, next_token], dim=1)
+            tokens.append(next_token)
+            inputs = self.embed(next_token)
             if on_position is not None:
                 on_position()
-        return x
+        return torch.cat(tokens, dim=1)
 
 
 def build_ar_model(

@@ -94,6 +94,35 @@ class Conditioner(nn.Module, ABC):
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         """Features for every position, shifted right by one: (B, T, D) -> (B, T, C)."""
 
+    def begin_decoding(self, batch: int, dim: int, dtype: torch.dtype):
+        """Start inverting a flow, one position at a time in its visiting order.
+
+        Returns `(state, features)`: a fresh decoding state, private to this call, and the
+        features of position 0, (B, 1, C). `continue_decoding` then takes the positions as they
+        are solved. This default keeps the solved prefix and re-runs `forward` over all of it
+        at every step (quadratic in T); a conditioner that can cache its work overrides both
+        methods, and the contract tests hold the two to the same features.
+        """
+        state = PrefixState([])
+        placeholder = torch.zeros(batch, 1, dim, dtype=dtype)
+        return state, self.forward(placeholder)
+
+    def continue_decoding(self, state, h: torch.Tensor) -> torch.Tensor:
+        """Take the next n solved positions (B, n, D); return the features of the n positions
+        that follow them, (B, n, C)."""
+        state.solved.append(h)
+        fed = sum(part.shape[1] for part in state.solved)
+        prefix = torch.cat([*state.solved, torch.zeros_like(h[:, :1])], dim=1)
+        # The placeholder in the last slot is never read: features are shifted right by one.
+        return self.forward(prefix)[:, fed - h.shape[1] + 1 : fed + 1]
+
+
+class PrefixState:
+    """The decoding state of a conditioner without a cache: the positions solved so far."""
+
+    def __init__(self, solved: list):
+        self.solved = solved
+
 
 class Coupling(nn.Module, ABC):
     """The invertible map of each position given the conditioner's features.
@@ -151,6 +180,10 @@ class LanguageModel(nn.Module, ABC):
         generator: torch.Generator | None = None,
         on_pass=None,
         on_position=None,
+        prompt: torch.Tensor | None = None,
+        prompt_rounds: int = 3,
     ) -> torch.Tensor:
         """Tokens (num_samples, length). `on_position()` is called after each position is
-        generated, `on_pass(index, z)` after each pass of a multi-pass model."""
+        generated, `on_pass(index, z)` after each pass of a multi-pass model. A prompt
+        (num_samples, T_p) of tokens fixes the first T_p; a model that can condition on it only
+        approximately refines its draw over `prompt_rounds` rounds and says so in a warning."""

@@ -1,0 +1,235 @@
+"""Generation: cached decoding agrees with the uncached reference, patches, prompts, the AR cache.
+
+Run over whatever the registry holds, in float64, like the contract tests.
+"""
+
+import pytest
+import torch
+from helpers import TOLERANCE, randomise
+from hypothesis import given, note, settings
+from hypothesis import strategies as st
+
+from tarflow_core import config, registry
+from tarflow_core.baseline import build_ar_model
+from tarflow_core.errors import ConfigError, TarflowWarning
+from tarflow_core.interfaces import Conditioner
+from tarflow_core.model import Flow, build_model, channel_shuffle, takes_encoder
+
+_, REGISTRY = registry.load()
+config.setup(REGISTRY)
+
+COUPLINGS = REGISTRY.names("coupling")
+DIRECTIONS = REGISTRY.names("direction")
+CONDITIONERS = REGISTRY.names("conditioner")
+TOL = TOLERANCE[torch.float64]
+WEIGHT_SCALE = 0.2  # as in the contract tests: well-conditioned maps
+# A stack of randomised mixture flows compounds their tails: at 0.2, noise |u| < 3 reaches
+# |z| ~ 1e8 through two flows with P = 4, and the round trip then measures conditioning.
+MODEL_WEIGHT_SCALE = 0.1
+VOCAB = 11
+
+
+def make_flow(coupling: str, direction: str, dim: int, positions: int) -> Flow:
+    body = REGISTRY.get("conditioner", CONDITIONERS[0])(dim, 2, positions)
+    factory = REGISTRY.get("coupling", coupling)
+    extra = {}
+    if takes_encoder(factory):
+        encoder = REGISTRY.get("encoder", REGISTRY.names("encoder")[0])(VOCAB, dim)
+        extra["encoder"] = randomise(encoder.double(), seed=5, scale=0.3)
+    coupling_module = factory(dim, body.context_dim, **extra)
+    return Flow(REGISTRY.get("direction", direction)(), body, coupling_module).double()
+
+
+def small_model(couplings, patch_size=1, directions="alternate", seq_len=8, seed=0):
+    """A randomised TarFlowLM in float64, or None if the couplings refuse this patch size."""
+    try:
+        model = build_model(
+            VOCAB,
+            seq_len,
+            REGISTRY,
+            couplings=couplings,
+            layers_per_flow=1,
+            directions=directions,
+            latent_dim=2,
+            patch_size=patch_size,
+        )
+    except ConfigError:
+        return None
+    model = model.double()
+    # Only the flows are randomised; the codebook keeps its spread so tokens decode.
+    randomise(model.flows, seed, MODEL_WEIGHT_SCALE)
+    return model
+
+
+@pytest.mark.parametrize("name", CONDITIONERS)
+@given(
+    positions=st.integers(2, 9),
+    channels=st.integers(1, 4),
+    chunks=st.lists(st.integers(1, 4), min_size=1, max_size=6),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_decoding_gives_the_forward_features(name, positions, channels, chunks, seed):
+    """Fed in chunks of any size, the decoding state gives exactly the forward pass's features:
+    the cached attention mask is right when queries are fewer than keys."""
+    conditioner = randomise(REGISTRY.get("conditioner", name)(channels, 2, positions), seed)
+    conditioner = conditioner.double()
+    generator = torch.Generator().manual_seed(seed)
+    h = torch.randn(2, positions, channels, generator=generator, dtype=torch.float64)
+    expected = conditioner(h)
+
+    for begin, step in (
+        (conditioner.begin_decoding, conditioner.continue_decoding),
+        (
+            lambda *a: Conditioner.begin_decoding(conditioner, *a),
+            lambda *a: Conditioner.continue_decoding(conditioner, *a),
+        ),
+    ):
+        state, first = begin(2, channels, torch.float64)
+        features, fed = [first], 0
+        for size in chunks:
+            size = min(size, positions - 1 - fed)
+            if size <= 0:
+                break
+            features.append(step(state, h[:, fed : fed + size]))
+            fed += size
+        got = torch.cat(features, dim=1)
+        note(f"fed {fed} of {positions}")
+        torch.testing.assert_close(got, expected[:, : fed + 1], atol=TOL, rtol=TOL)
+
+
+@pytest.mark.parametrize("coupling", COUPLINGS)
+@pytest.mark.parametrize("direction", DIRECTIONS)
+@settings(max_examples=8)  # each example inverts twice, position by position
+@given(positions=st.integers(1, 6), channels=st.integers(1, 3), seed=st.integers(0, 2**31 - 1))
+def test_cached_inverse_matches_uncached(coupling, direction, positions, channels, seed):
+    flow = randomise(make_flow(coupling, direction, channels, positions), seed, WEIGHT_SCALE)
+    generator = torch.Generator().manual_seed(seed)
+    u = torch.randn(2, positions, channels, generator=generator, dtype=torch.float64)
+    before = u.clone()
+
+    cached = flow.inverse(u)
+    uncached = flow.inverse(u, cached=False)
+
+    assert torch.equal(u, before), "inversion changed its input"
+    torch.testing.assert_close(cached, uncached, atol=TOL, rtol=TOL)
+    torch.testing.assert_close(flow(cached)[0], u, atol=TOL, rtol=TOL)
+
+
+@pytest.mark.parametrize("coupling", COUPLINGS)
+def test_known_prefix_is_kept_and_the_rest_solved(coupling):
+    flow = randomise(make_flow(coupling, "left_to_right", 2, 6), 3, WEIGHT_SCALE)
+    h = torch.randn(2, 6, 2, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    u, _ = flow(h)
+    positions_solved = []
+
+    got = flow.inverse(u, known=h[:, :4], on_position=lambda: positions_solved.append(1))
+
+    assert torch.equal(got[:, :4], h[:, :4])
+    torch.testing.assert_close(got, h, atol=TOL, rtol=TOL)
+    assert len(positions_solved) == 2
+
+
+@pytest.mark.parametrize("coupling", COUPLINGS)
+@pytest.mark.parametrize("patch_size", [1, 2, 4])
+def test_whole_model_round_trip(coupling, patch_size):
+    model = small_model([coupling, coupling], patch_size)
+    if model is None:
+        pytest.skip(f"{coupling} refuses patch size {patch_size}")
+    generator = torch.Generator().manual_seed(patch_size)
+    u = torch.randn(3, 8 // patch_size, 2 * patch_size, generator=generator, dtype=torch.float64)
+    passes = []
+
+    z = model.from_base(u, on_pass=lambda index, z: passes.append(index))
+
+    assert z.shape == (3, 8, 2)
+    assert passes == [1, 0]
+    torch.testing.assert_close(model.to_base(z)[0], u, atol=TOL, rtol=TOL)
+    torch.testing.assert_close(model.from_base(u, cached=False), z, atol=TOL, rtol=TOL)
+
+
+@pytest.mark.parametrize("patch_size", [2, 4])
+def test_patched_prior_ladj_matches_autograd(patch_size):
+    model = small_model(["mixture", "affine"], patch_size)
+    z = torch.randn(1, 8, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+
+    _, ladj = model.to_base(z)
+    jacobian = torch.autograd.functional.jacobian(
+        lambda flat: model.to_base(flat.view(1, 8, 2))[0].reshape(-1), z.reshape(-1)
+    )
+
+    torch.testing.assert_close(sum(ladj), torch.linalg.slogdet(jacobian)[1].view(1))
+
+
+def test_channel_shuffle_mixes_the_tokens_of_a_patch():
+    assert torch.equal(channel_shuffle(6, 1), torch.arange(6))
+    d, P = 3, 2
+    shuffle = channel_shuffle(d * P, P)
+    assert sorted(shuffle.tolist()) == list(range(d * P))
+    first_token_after = {int(c) // d for c in shuffle[:d]}
+    assert first_token_after == {0, 1}
+
+
+def test_prompt_conditions_exactly_when_every_flow_reads_left_to_right():
+    model = small_model(["mixture", "affine"], directions="left_to_right", seed=2)
+    prompt = torch.tensor([[1, 2, 3, 4]] * 2)
+    generator = torch.Generator().manual_seed(0)
+    u = torch.randn(2, 8, 2, generator=generator, dtype=torch.float64)
+    noise = torch.randn(2, 4, 2, generator=generator, dtype=torch.float64)
+    z_prompt, _ = model.encoder.sample(prompt, noise)
+    known = [h[:, :4] for h in model.flow_inputs(z_prompt)]
+
+    z = model.from_base(u, known=known)
+    base, _ = model.to_base(z)
+
+    # z is the one latent with the prompt's latents first and the drawn noise after them:
+    # a draw from the prior given z_p, because the positions after the prompt are a bijection
+    # of their own noise once the prompt is fixed.
+    assert model.prompts_exactly(8)
+    torch.testing.assert_close(z[:, :4], z_prompt, atol=TOL, rtol=TOL)
+    torch.testing.assert_close(base[:, 4:], u[:, 4:], atol=TOL, rtol=TOL)
+
+    tokens = model.sample(2, 8, prompt=prompt, generator=generator)
+    assert torch.equal(tokens[:, :4], prompt)
+
+
+def test_prompt_with_a_right_to_left_flow_warns_and_keeps_the_prompt():
+    model = small_model(["mixture", "mixture"], seed=1)
+    prompt = torch.tensor([[5, 6]])
+    assert not model.prompts_exactly(8)
+
+    with pytest.warns(TarflowWarning, match="approximate"):
+        tokens = model.sample(
+            1, 8, prompt=prompt, prompt_rounds=2, generator=torch.Generator().manual_seed(0)
+        )
+
+    assert tokens.shape == (1, 8)
+    assert torch.equal(tokens[:, :2], prompt)
+
+
+def test_prompt_must_fit():
+    model = small_model(["affine"], patch_size=2, directions="left_to_right")
+    with pytest.raises(ValueError, match="multiple of the patch size"):
+        model.sample(1, 8, prompt=torch.tensor([[1, 2, 3]]))
+    with pytest.raises(ValueError, match="shorter"):
+        model.sample(1, 8, prompt=torch.tensor([[1] * 8]))
+
+
+def reference_ar_sample(model, count, length, generator, prompt=None):
+    """The AR baseline sampled without a cache: the whole prefix through the model each step."""
+    x = torch.zeros(count, 0, dtype=torch.long) if prompt is None else prompt
+    while x.shape[1] < length:
+        padded = torch.cat([x, torch.zeros(count, 1, dtype=torch.long)], dim=1)
+        logits = model.logits(padded)[:, -1]
+        x = torch.cat([x, torch.multinomial(torch.softmax(logits, -1), 1, generator=generator)], 1)
+    return x
+
+
+@pytest.mark.parametrize("prompt", [None, torch.tensor([[3, 1, 4], [1, 5, 9]])])
+def test_ar_cache_samples_what_the_uncached_model_samples(prompt):
+    model = randomise(build_ar_model(VOCAB, 12, width=16, num_layers=2, num_heads=2), 0, 0.5)
+    model = model.double()
+
+    cached = model.sample(2, 12, generator=torch.Generator().manual_seed(7), prompt=prompt)
+    uncached = reference_ar_sample(model, 2, 12, torch.Generator().manual_seed(7), prompt)
+
+    assert torch.equal(cached, uncached)
