@@ -18,7 +18,7 @@ import torch
 
 import gin
 from gin import config_parser
-from tarflow_core import baseline, data, model, train
+from tarflow_core import baseline, checkpoint, data, model, train
 from tarflow_core.errors import ConfigError
 
 # The gin folder of a source checkout, searched after the working directory.
@@ -203,3 +203,44 @@ def flat_bindings(config_text: str) -> dict[str, str]:
                 key = f"{statement.scope}/{key}"
             flat[key] = repr(statement.value)
     return flat
+
+
+@dataclass
+class FinishedRun:
+    """A trained model rebuilt from its run folder, with what it needs to read and write text."""
+
+    run_dir: Path
+    model: torch.nn.Module
+    tokenizer: object  # tokenizers.Tokenizer
+    train_config: train.TrainConfig
+    run_config: train.RunConfig
+    step: int
+
+
+def load_finished_run(run_dir: Path, registry) -> FinishedRun:
+    """Rebuild a run's model from the operative config saved beside it, and load its weights.
+
+    The corpus is not read: the saved tokenizer is all the model needs, so a run folder can be
+    sampled on a machine that never saw the training text.
+    """
+    run_dir = Path(run_dir)
+    needed = ["operative_config.gin", "tokenizer.json", f"checkpoint/{checkpoint.WEIGHTS}"]
+    missing = [name for name in needed if not (run_dir / name).is_file()]
+    if missing:
+        raise ConfigError(
+            f"{str(run_dir)!r} is not a finished run folder: no {', '.join(missing)}",
+            hint="give a folder under runs/ written by tarflow_core.run, or an MLflow run id",
+        )
+
+    parse([str(run_dir / "operative_config.gin")], [])
+    tokenizer = data.load_tokenizer(run_dir / "tokenizer.json")
+    train_config = configured("TrainConfig")()
+    run_config = configured("RunConfig")()
+    model = build_configured_model(
+        run_config, tokenizer.get_vocab_size(), train_config.seq_len, registry
+    )
+    meta = checkpoint.load_weights(run_dir / "checkpoint", model)
+    model.eval()
+    return FinishedRun(
+        run_dir, model, tokenizer, train_config, run_config, int(meta.get("step", 0))
+    )

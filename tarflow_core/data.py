@@ -267,6 +267,25 @@ def save_tokenizer(corpus: Corpus, path: Path) -> None:
     path.with_suffix(".meta.json").write_text(json.dumps({"level": corpus.level}))
 
 
+def load_tokenizer(path: Path) -> Tokenizer:
+    """The tokenizer a run saved beside its checkpoint."""
+    try:
+        return Tokenizer.from_file(str(path))
+    except Exception as error:  # missing, truncated or not a tokenizer file
+        raise DataError(
+            f"cannot read the tokenizer {str(path)!r}: {str(error).splitlines()[0][:200]}",
+            hint="point at a run folder written by tarflow_core.run",
+        ) from None
+
+
+def unknown_characters(tokenizer: Tokenizer, text: str) -> list[str]:
+    """The characters of `text` that the tokenizer maps to its unknown token, in order seen."""
+    vocab = tokenizer.get_vocab()
+    if UNKNOWN not in vocab:
+        return []  # byte-level BPE: every input has tokens
+    return list(dict.fromkeys(ch for ch in text if ch not in vocab))
+
+
 def bits_per_token_to_report(nelbo_per_token: float, level: str) -> dict[str, float]:
     """The headline figure for a corpus: bits per character, or perplexity for word pieces."""
     if level == "char":

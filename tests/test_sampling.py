@@ -233,3 +233,117 @@ def test_ar_cache_samples_what_the_uncached_model_samples(prompt):
     uncached = reference_ar_sample(model, 2, 12, torch.Generator().manual_seed(7), prompt)
 
     assert torch.equal(cached, uncached)
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory, shakespeare):
+    """A tiny mixture run, trained and tracked in MLflow: (run folder, run id, tracking URI)."""
+    import mlflow
+
+    from tarflow_core import run
+
+    folder = tmp_path_factory.mktemp("sampling")
+    tracking = f"sqlite:///{folder / 'mlflow.db'}"
+    code = run.main(
+        [
+            "--gin", "gin/mixture.gin",
+            "--gin", "gin/runs/tiny.gin",
+            "--bind", f"load_corpus.source = '{shakespeare}'",
+            "--bind", f"RunConfig.output_dir = '{folder / 'runs'}'",
+            "--bind", f"RunConfig.tracking_uri = '{tracking}'",
+            "--bind", "RunConfig.track = True",
+            "--bind", "RunConfig.num_samples = 0",
+            "--log-level", "WARNING",
+        ]
+    )  # fmt: skip
+    assert code == 0
+    (run_dir,) = (folder / "runs").iterdir()
+    (tracked,) = mlflow.MlflowClient(tracking).search_runs(
+        [mlflow.MlflowClient(tracking).get_experiment_by_name("tarflow").experiment_id]
+    )
+    return run_dir, tracked.info.run_id, tracking
+
+
+def sample_cli(capsys, *args):
+    from tarflow_core import sample
+
+    code = sample.main([*args, "--log-level", "ERROR"])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def test_sample_command_shows_every_pass_and_saves_a_report(finished_run, capsys):
+    run_dir, _, _ = finished_run
+    report = run_dir / "report.md"
+
+    code, out, _ = sample_cli(
+        capsys, str(run_dir), "--num-samples", "2", "--seed", "3", "--output", str(report)
+    )
+
+    assert code == 0
+    assert [line.split(" (")[0] for line in out.splitlines() if line.startswith("--- ")] == [
+        "--- after flow 2",
+        "--- after flow 1",
+        "--- after flow 0",
+    ] * 2
+    text = report.read_text()
+    assert text.count("## Sample") == 2 and "| after flow 0 |" in text
+
+    # The same seed gives the same text; another seed another.
+    again = sample_cli(capsys, str(run_dir), "--num-samples", "2", "--seed", "3", "--output",
+                       str(report))[1]  # fmt: skip
+    other = sample_cli(capsys, str(run_dir), "--num-samples", "2", "--seed", "4", "--output",
+                       str(report))[1]  # fmt: skip
+    assert again.split("report:")[0] == out.split("report:")[0]
+    assert other.split("report:")[0] != out.split("report:")[0]
+
+
+@pytest.mark.filterwarnings("always::tarflow_core.errors.TarflowWarning")
+def test_sample_command_takes_an_mlflow_run_id(finished_run, capsys, tmp_path):
+    import mlflow
+
+    run_dir, run_id, tracking = finished_run
+    code, out, err = sample_cli(
+        capsys, run_id, "--tracking-uri", tracking, "--prompt", "ROMEO:", "--format", "html",
+        "--num-samples", "1",
+    )  # fmt: skip
+
+    assert code == 0, err
+    assert "approximate" in err  # mixture.gin alternates directions
+    assert out.split("--- after flow 0")[1].split("\n")[1].startswith("ROMEO:")
+    logged = mlflow.MlflowClient(tracking).list_artifacts(run_id, "generations")
+    assert any(item.path.endswith(".html") for item in logged)
+
+    # With the local folder gone, the artifacts are downloaded from MLflow.
+    moved = tmp_path / "moved"
+    run_dir.rename(moved)
+    try:
+        code, out, err = sample_cli(capsys, run_id, "--tracking-uri", tracking, "--seed", "5")
+    finally:
+        moved.rename(run_dir)
+    assert code == 0, err
+    assert "after flow 0" in out
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--prompt", "ROMEO: \u00f1"], "lacks: '\u00f1'"),
+        (["--length", "4096"], "does not fit this run"),
+        (["--temperature", "0"], "not a positive number"),
+        (["--temperature", "nan"], "not a positive number"),
+        (["--prompt", "x" * 40], "leaves nothing to generate"),
+    ],
+)
+def test_sample_command_refuses_bad_input(finished_run, capsys, args, message):
+    run_dir, _, _ = finished_run
+    code, _, err = sample_cli(capsys, str(run_dir), *args)
+    assert code == 2
+    assert err.startswith("error: ") and message in err and "hint:" in err
+
+
+def test_sample_command_refuses_what_is_not_a_run(capsys, tmp_path):
+    code, _, err = sample_cli(capsys, "0123456789abcdef0123456789abcdef" + "x")
+    assert code == 2 and "not an MLflow run id" in err
+    code, _, err = sample_cli(capsys, str(tmp_path))
+    assert code == 2 and "not a finished run folder" in err
