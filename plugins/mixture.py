@@ -15,7 +15,7 @@ from torch import nn
 
 from tarflow_core.hookspecs import hookimpl
 from tarflow_core.interfaces import Coupling
-from tarflow_core.special import mixture_to_normal, normal_to_mixture, soft_clamp
+from tarflow_core.special import mixture_to_normal, soft_clamp, solve_normal_to_mixture
 
 # Scale of a logistic that best matches the standard normal CDF (Phi(x) ~ sigmoid(1.702 x)).
 LOGISTIC_MATCHING_SCALE = 1 / 1.702
@@ -50,11 +50,22 @@ class MaskedChannelHead(nn.Module):
         nn.init.zeros_(self.out.weight)  # the parameters start at the bias: near identity
         nn.init.zeros_(self.context_out.weight)
 
-    def forward(self, h, ctx):
-        hidden = self.from_context(ctx) + h @ (self.from_channels.weight * self.in_mask).T
-        out = torch.nn.functional.gelu(hidden) @ (self.out.weight * self.out_mask).T
-        out = out + self.out.bias + self.context_out(ctx)
+    def forward(self, h, ctx, context=None):
+        """`context`, from `context_part(ctx)`, saves recomputing what does not depend on h when
+        the head is evaluated many times for one ctx (the inverse)."""
+        hidden_ctx, out_ctx, w_in, w_out = self.context_part(ctx) if context is None else context
+        hidden = hidden_ctx + h @ w_in
+        out = torch.nn.functional.gelu(hidden) @ w_out + out_ctx
         return out.unflatten(-1, (self.dim, self.params_per_channel))
+
+    def context_part(self, ctx):
+        """The terms of `forward` that depend on ctx alone, and the masked weights."""
+        return (
+            self.from_context(ctx),
+            self.out.bias + self.context_out(ctx),
+            (self.from_channels.weight * self.in_mask).T,
+            (self.out.weight * self.out_mask).T,
+        )
 
 
 class MixtureCDFCoupling(Coupling):
@@ -103,8 +114,8 @@ class MixtureCDFCoupling(Coupling):
         with torch.no_grad():
             self.head.out.bias.copy_(torch.cat([logits, loc, log_scale]).repeat(self.dim).float())
 
-    def _mixture(self, h, ctx):
-        logits, loc, log_scale = self.head(h, ctx).chunk(3, dim=-1)  # each (B, T, D, K)
+    def _mixture(self, h, ctx, context=None):
+        logits, loc, log_scale = self.head(h, ctx, context).chunk(3, dim=-1)  # (B, T, D, K)
         log_weights = torch.log_softmax(logits, dim=-1)
         return log_weights, loc, soft_clamp(log_scale, self.max_log_scale)
 
@@ -113,13 +124,16 @@ class MixtureCDFCoupling(Coupling):
         return u, log_derivative.flatten(1).sum(-1)
 
     def inverse(self, u, ctx):
-        h = torch.zeros_like(u)
-        for i in range(self.dim):
-            # Channel i's mixture depends on channels < i only, which are already solved.
-            log_weights, loc, log_scale = (p[..., i, :] for p in self._mixture(h, ctx))
-            h_i = normal_to_mixture(u[..., i], log_weights, loc, log_scale, self.family)
-            h = torch.cat([h[..., :i], h_i.unsqueeze(-1), h[..., i + 1 :]], dim=-1)
-        return h
+        # Every channel is solved at once, its mixture recomputed from the current guess; the
+        # head's context terms are the same throughout, so they are computed once.
+        context = self.head.context_part(ctx)
+        return solve_normal_to_mixture(
+            u,
+            lambda h: self._mixture(h, ctx, context),
+            self.family,
+            channels_depend=True,
+            start=u,  # the flow starts near the identity
+        )
 
 
 class GaussianMixtureCDFCoupling(MixtureCDFCoupling):
