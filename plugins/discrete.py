@@ -20,7 +20,7 @@ from torch import nn
 from tarflow_core.errors import ConfigError
 from tarflow_core.hookspecs import hookimpl
 from tarflow_core.interfaces import Coupling
-from tarflow_core.special import LOG_SQRT_2PI, mixture_to_normal, normal_to_mixture
+from tarflow_core.special import LOG_SQRT_2PI, mixture_to_normal, solve_normal_to_mixture
 
 
 class _IsotropicMixtureCoupling(Coupling):
@@ -53,15 +53,13 @@ class _IsotropicMixtureCoupling(Coupling):
         return u, log_derivative.flatten(1).sum(-1)
 
     def inverse(self, u, ctx):
-        h = torch.zeros_like(u)
-        for i in range(self.dim):
-            # The weights of channel i depend on channels < i only, which are already solved.
+        # Every channel at once; the weights of channel i, from channels < i, are recomputed
+        # from the current guess at each step (see solve_normal_to_mixture).
+        def mixture_of(h):
             log_weights, loc, log_scale = self._channel_weights(h, ctx)
-            h_i = normal_to_mixture(
-                u[..., i], log_weights[..., i, :], loc[i], log_scale, "gaussian"
-            )
-            h = torch.cat([h[..., :i], h_i.unsqueeze(-1), h[..., i + 1 :]], dim=-1)
-        return h
+            return log_weights, loc, log_scale.expand_as(loc)
+
+        return solve_normal_to_mixture(u, mixture_of, "gaussian", channels_depend=True)
 
 
 class TiedDiscreteCoupling(_IsotropicMixtureCoupling):

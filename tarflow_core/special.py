@@ -110,7 +110,7 @@ def _bracket(u, loc, log_scale, family: str, log_target_cdf, log_target_sf):
     else:
         standard_quantile = u.unsqueeze(-1)
     quantiles = loc + torch.exp(log_scale) * standard_quantile
-    return quantiles.min(-1).values, quantiles.max(-1).values
+    return quantiles.amin(-1), quantiles.amax(-1)
 
 
 def _residual(x, targets, log_weights, loc, log_scale, family: str):
@@ -118,10 +118,25 @@ def _residual(x, targets, log_weights, loc, log_scale, family: str):
     log F - log Phi(u), on the upper half log(1 - Phi(u)) - log(1 - F): each stays well
     scaled far into its own tail."""
     lower, log_target_cdf, log_target_sf = targets
-    log_cdf, log_sf, log_pdf = mixture_logs(x, log_weights, loc, log_scale, family)
-    g = torch.where(lower, log_cdf - log_target_cdf, log_target_sf - log_sf)
-    slope = torch.exp(log_pdf - torch.where(lower, log_cdf, log_sf))
-    return g, slope
+
+    # Only the tail on each value's own side is needed: one log-CDF per component, of z on the
+    # lower half and of -z on the upper (both families are symmetric), and two logsumexps.
+    z = (x.unsqueeze(-1) - loc) * torch.exp(-log_scale)
+    toward_tail = torch.where(lower.unsqueeze(-1), z, -z)
+    if family == "logistic":
+        # log sigmoid(-t) = log sigmoid(t) - t, so the density needs no second logsigmoid.
+        log_tail = torch.nn.functional.logsigmoid(toward_tail)
+        log_pdf = 2 * log_tail - toward_tail - log_scale
+    elif family == "gaussian":
+        log_tail = torch.special.log_ndtr(toward_tail)
+        log_pdf = log_normal_pdf(z) - log_scale
+    else:
+        raise ValueError(f"unknown mixture family {family!r}; use 'logistic' or 'gaussian'")
+    log_tail = torch.logsumexp(log_weights + log_tail, -1)
+    log_pdf = torch.logsumexp(log_weights + log_pdf, -1)
+
+    g = torch.where(lower, log_tail - log_target_cdf, log_target_sf - log_tail)
+    return g, torch.exp(log_pdf - log_tail)
 
 
 def normal_to_mixture(u, log_weights, loc, log_scale, family: str, max_iter: int = 200):
