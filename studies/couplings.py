@@ -30,5 +30,7 @@ def sampler():
 
 
 def pruner():
-    # A coupling clearly behind the median at a checkpoint is not worth finishing.
-    return optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=75)
+    # Only a coupling clearly behind (worse than three in four finished ones at the same step,
+    # past the first third of training) is stopped: with a handful of arms a median cut
+    # stopped close seconds at half budget.
+    return optuna.pruners.PercentilePruner(75.0, n_startup_trials=3, n_warmup_steps=300)

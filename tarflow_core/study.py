@@ -414,7 +414,7 @@ def record_in_mlflow(setup, parent_run_id, trial, reporter, state, reason) -> No
         client.set_tag(run_id, key, value)
 
 
-def ensure_parent_run(study, setup: StudySetup, created: bool) -> str | None:
+def ensure_parent_run(study, storage, setup: StudySetup, created: bool) -> str | None:
     """The MLflow run every trial nests under, shared by all workers of the study."""
     if not setup.track:
         return None
@@ -424,7 +424,7 @@ def ensure_parent_run(study, setup: StudySetup, created: bool) -> str | None:
         while parent is None and time.monotonic() < deadline:
             time.sleep(0.5)
             parent = optuna.load_study(
-                study_name=study.study_name, storage=study._storage
+                study_name=study.study_name, storage=storage
             ).user_attrs.get(PARENT_RUN)
     if parent is not None:
         return parent
@@ -483,7 +483,7 @@ def run_study(
 
     storage = open_storage(storage_url)
     study, created = open_study(spec, storage, study_name, setup)
-    parent_run_id = ensure_parent_run(study, setup, created)
+    parent_run_id = ensure_parent_run(study, storage, setup, created)
     done = len(study.trials)
     logger.info(
         "study %s: %d of %d trials in %s%s",

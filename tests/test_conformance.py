@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from tarflow_core.conformance import combinations, randomise, targets
+from tarflow_core.conformance.common import combinations, randomise, targets
+from tarflow_core.errors import PluginError
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
@@ -78,38 +79,51 @@ def test_the_rq_spline_plugin_passes_the_kit(rq_env, tmp_path):
 
 
 def test_the_rq_spline_plugin_is_discovered_and_joins_the_coupling_study(rq_env):
-    listing = run([sys.executable, "-m", "tarflow_core.run", "--list-components"], rq_env, REPO)
-    choices = run(
+    result = run(
         [
             sys.executable,
             "-c",
             "import optuna; from tarflow_core import registry, study; "
-            "spec = study.load_study_spec('couplings'); "
+            "components = registry.load()[1]; "
+            "print(registry.plugin_summary(components)); "
             "trial = optuna.create_study().ask(); "
-            "spec.space(trial, registry.load()[1]); "
+            "study.load_study_spec('couplings').space(trial, components); "
             "print(trial.distributions['coupling'].choices)",
         ],
         rq_env,
         REPO,
     )
 
-    assert listing.returncode == 0, listing.stderr
-    assert "rq_spline" in listing.stdout and "(plugin rq_spline)" in listing.stdout
-    assert choices.returncode == 0, choices.stderr[-2000:]
-    assert "'rq_spline'" in choices.stdout and "'mixture'" in choices.stdout
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "rq_spline" in result.stdout and "(plugin rq_spline)" in result.stdout
+    choices = result.stdout.strip().splitlines()[-1]
+    assert "'rq_spline'" in choices and "'mixture'" in choices
 
 
 def test_the_pytest_plugin_is_inert_unless_asked(tmp_path):
     (tmp_path / "test_other_project.py").write_text("def test_own():\n    assert True\n")
 
     plain = pytest_in(tmp_path, os.environ, "-q")
-    unknown = pytest_in(tmp_path, os.environ, "-q", "--tarflow-conformance=no_such_plugin")
+    loaded = run(
+        [
+            sys.executable,
+            "-c",
+            "import sys, tarflow_core.conformance.plugin; print(sorted(sys.modules))",
+        ],
+        os.environ,
+        tmp_path,
+    )
 
-    # Without the option only the project's own test runs (the kit is asked for above).
+    # Without the option only the project's own test runs (the kit is asked for above), and
+    # loading the plugin costs no torch import.
     assert plain.returncode == 0 and passed(plain.stdout) == 1, plain.stdout[-2000:]
-    assert "tarflow" not in plain.stdout.split("collected")[-1]
-    assert unknown.returncode != 0
-    assert "no installed plugin named 'no_such_plugin'" in unknown.stdout
+    assert loaded.returncode == 0 and "'torch'" not in loaded.stdout
+
+
+def test_asking_for_an_unknown_plugin_names_those_there_are(components):
+    with pytest.raises(PluginError, match="no installed plugin named 'no_such_plugin'") as error:
+        targets(components, ["no_such_plugin"])
+    assert "affine" in error.value.hint
 
 
 class FakeRegistry:

@@ -1,5 +1,6 @@
 """Studies end to end on tiny models: run, resume, share a storage, fail, report, rerun."""
 
+import json
 import math
 import os
 import subprocess
@@ -15,6 +16,7 @@ from tarflow_core.errors import ConfigError, TarflowError
 from tarflow_core.study_report import write_report
 
 REPO = Path(__file__).resolve().parent.parent
+OPTUNA = str(Path(sys.executable).parent / "optuna")  # the command line installed with optuna
 
 # A study small enough for a test: the affine model of gin/runs/tiny.gin, a dozen steps, a
 # validation score every four (what the pruner sees).
@@ -89,6 +91,18 @@ def test_a_study_completes_resumes_and_reports(tmp_path, shakespeare, components
         assert sorted(trial.intermediate_values) == [4, 8, 12]
         assert trial.intermediate_values[12] == trial.value
         assert trial.user_attrs["bindings"] == [f"TrainConfig.lr = {trial.params['lr']!r}"]
+
+    # Optuna's own command line reads the storage as it is.
+    best = subprocess.run(
+        [OPTUNA, "best-trial", "--study-name", "tiny_study", "--storage", storage_url(tmp_path)]
+        + ["--format", "json"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert best.returncode == 0, best.stderr[-2000:]
+    best_trial = min(resumed, key=lambda t: t.value)
+    assert json.loads(best.stdout)["number"] == best_trial.number
 
     report = write_report("tiny_study", storage_url(tmp_path), tmp_path / "report")
 
@@ -218,7 +232,8 @@ def test_the_reporter_prunes_before_the_last_step_only():
 def test_the_builtin_studies_load_and_draw_bindings(components):
     for name in ("couplings", "mixture_size", "depth_direction"):
         spec = studies.load_study_spec(name)
-        trial = optuna.create_study(sampler=spec.sampler()).ask()
+        with studies.no_experimental_warnings():
+            trial = optuna.create_study(sampler=spec.sampler()).ask()
 
         bindings = studies.trial_bindings(spec, trial, components)
 

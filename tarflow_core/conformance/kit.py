@@ -15,7 +15,7 @@ from hypothesis import example, given, note
 from hypothesis import strategies as st
 from safetensors.torch import load_model, save_model
 
-from tarflow_core.conformance import (
+from tarflow_core.conformance.common import (
     LADJ_TOLERANCE,
     TOLERANCE,
     combinations,
