@@ -280,7 +280,19 @@ class TrialReporter:
 
 def trial_bindings(spec: StudySpec, trial: optuna.Trial, components) -> list[str]:
     """The gin bindings the study's space gives this trial."""
-    chosen = spec.space(trial, components)
+    try:
+        chosen = spec.space(trial, components)
+    except ValueError as error:
+        if "dynamic value space" not in str(error):
+            raise
+        # Choices drawn from the registry changed since the study began: every further
+        # trial would fail the same way.
+        trial.study.stop()
+        raise ConfigError(
+            f"the choices of study {trial.study.study_name!r} changed since it started "
+            "(a plugin was installed or removed)",
+            hint="give --study-name to start a new study with the components installed now",
+        ) from None
     if not isinstance(chosen, dict):
         raise ConfigError(
             f"space() of study {spec.name!r} returned {type(chosen).__name__}, not a dict",

@@ -256,3 +256,26 @@ def test_a_bad_storage_url_is_a_tarflow_error(tmp_path, shakespeare, components)
     path = write_study(tmp_path, shakespeare, LR_SPACE)
     with pytest.raises(TarflowError, match="study storage"):
         studies.run_study(str(path), "nosuchdialect://x", track=False)
+
+
+def test_a_study_stops_when_registry_choices_changed(
+    tmp_path, shakespeare, components, monkeypatch
+):
+    space = """
+import os
+
+
+def space(trial, registry):
+    names = ["affine", "mixture"] + (["added"] if os.environ.get("TARFLOW_TEST_ADDED") else [])
+    return {"build_model.couplings": [trial.suggest_categorical("coupling", names)] * 2}
+"""
+    path = write_study(tmp_path, shakespeare, space)
+    run = dict(storage_url=storage_url(tmp_path), track=False, output_dir=str(tmp_path / "runs"))
+    studies.run_study(str(path), trials=1, **run)
+
+    monkeypatch.setenv("TARFLOW_TEST_ADDED", "1")  # as if a plugin had been installed
+    studies.run_study(str(path), trials=3, **run)
+
+    trials = load(tmp_path).trials
+    assert [t.state for t in trials] == [TrialState.COMPLETE, TrialState.FAIL]
+    assert "changed since it started" in trials[1].user_attrs["reason"]
