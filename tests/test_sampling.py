@@ -1,25 +1,21 @@
-"""Generation: cached decoding agrees with the uncached reference, patches, prompts, the AR cache.
+"""Generation: whole-model inversion, patches, prompts, the AR cache and the sample command.
 
-Run over whatever the registry holds, in float64, like the contract tests.
+The per-component checks of cached decoding are in the conformance kit (tests/test_contract.py).
 """
 
 import pytest
 import torch
 from helpers import TOLERANCE, randomise
-from hypothesis import given, note, settings
-from hypothesis import strategies as st
 
 from tarflow_core import config, registry
 from tarflow_core.baseline import build_ar_model
 from tarflow_core.errors import ConfigError, TarflowWarning
-from tarflow_core.interfaces import Conditioner
 from tarflow_core.model import Flow, build_model, channel_shuffle, takes_encoder
 
 _, REGISTRY = registry.load()
 config.setup(REGISTRY)
 
 COUPLINGS = REGISTRY.names("coupling")
-DIRECTIONS = REGISTRY.names("direction")
 CONDITIONERS = REGISTRY.names("conditioner")
 TOL = TOLERANCE[torch.float64]
 WEIGHT_SCALE = 0.2  # as in the contract tests: well-conditioned maps
@@ -59,60 +55,6 @@ def small_model(couplings, patch_size=1, directions="alternate", seq_len=8, seed
     # Only the flows are randomised; the codebook keeps its spread so tokens decode.
     randomise(model.flows, seed, MODEL_WEIGHT_SCALE)
     return model
-
-
-@pytest.mark.parametrize("name", CONDITIONERS)
-@given(
-    positions=st.integers(2, 9),
-    channels=st.integers(1, 4),
-    chunks=st.lists(st.integers(1, 4), min_size=1, max_size=6),
-    seed=st.integers(0, 2**31 - 1),
-)
-def test_decoding_gives_the_forward_features(name, positions, channels, chunks, seed):
-    """Fed in chunks of any size, the decoding state gives exactly the forward pass's features:
-    the cached attention mask is right when queries are fewer than keys."""
-    conditioner = randomise(REGISTRY.get("conditioner", name)(channels, 2, positions), seed)
-    conditioner = conditioner.double()
-    generator = torch.Generator().manual_seed(seed)
-    h = torch.randn(2, positions, channels, generator=generator, dtype=torch.float64)
-    expected = conditioner(h)
-
-    for begin, step in (
-        (conditioner.begin_decoding, conditioner.continue_decoding),
-        (
-            lambda *a: Conditioner.begin_decoding(conditioner, *a),
-            lambda *a: Conditioner.continue_decoding(conditioner, *a),
-        ),
-    ):
-        state, first = begin(2, channels, torch.float64)
-        features, fed = [first], 0
-        for size in chunks:
-            size = min(size, positions - 1 - fed)
-            if size <= 0:
-                break
-            features.append(step(state, h[:, fed : fed + size]))
-            fed += size
-        got = torch.cat(features, dim=1)
-        note(f"fed {fed} of {positions}")
-        torch.testing.assert_close(got, expected[:, : fed + 1], atol=TOL, rtol=TOL)
-
-
-@pytest.mark.parametrize("coupling", COUPLINGS)
-@pytest.mark.parametrize("direction", DIRECTIONS)
-@settings(max_examples=8)  # each example inverts twice, position by position
-@given(positions=st.integers(1, 6), channels=st.integers(1, 3), seed=st.integers(0, 2**31 - 1))
-def test_cached_inverse_matches_uncached(coupling, direction, positions, channels, seed):
-    flow = randomise(make_flow(coupling, direction, channels, positions), seed, WEIGHT_SCALE)
-    generator = torch.Generator().manual_seed(seed)
-    u = torch.randn(2, positions, channels, generator=generator, dtype=torch.float64)
-    before = u.clone()
-
-    cached = flow.inverse(u)
-    uncached = flow.inverse(u, cached=False)
-
-    assert torch.equal(u, before), "inversion changed its input"
-    torch.testing.assert_close(cached, uncached, atol=TOL, rtol=TOL)
-    torch.testing.assert_close(flow(cached)[0], u, atol=TOL, rtol=TOL)
 
 
 @pytest.mark.parametrize("coupling", COUPLINGS)

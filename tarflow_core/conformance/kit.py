@@ -11,7 +11,7 @@ import functools
 
 import pytest
 import torch
-from hypothesis import example, given, note
+from hypothesis import example, given, note, settings
 from hypothesis import strategies as st
 from safetensors.torch import load_model, save_model
 
@@ -198,6 +198,62 @@ def test_conditioner_is_causal(conditioner, positions, channels, seed):
     # Output t may depend on inputs s < t only: the diagonal and above must be zero.
     assert torch.all(influence.triu() == 0)
     assert influence.tril(-1).sum() > 0
+
+
+@given(
+    positions=st.integers(2, 9),
+    channels=st.integers(1, 4),
+    chunks=st.lists(st.integers(1, 4), min_size=1, max_size=6),
+    seed=sizes["seed"],
+)
+def test_conditioner_decoding_gives_the_forward_features(
+    conditioner, positions, channels, chunks, seed
+):
+    """Fed the solved positions in chunks of any size, the incremental decoding state (a
+    key-value cache, say) gives exactly the features of the full forward pass, and so does the
+    interface's uncached default."""
+    from tarflow_core.interfaces import Conditioner
+
+    body = get("conditioner", conditioner)(channels, 2, positions).double()
+    body = randomise(body, seed)
+    h = draw(torch.Generator().manual_seed(seed), 2, positions, channels)
+    expected = body(h)
+
+    own = (body.begin_decoding, body.continue_decoding)
+    default = (
+        lambda *a: Conditioner.begin_decoding(body, *a),
+        lambda *a: Conditioner.continue_decoding(body, *a),
+    )
+    for begin, step in (own, default):
+        state, first_features = begin(2, channels, torch.float64)
+        features, fed = [first_features], 0
+        for size in chunks:
+            size = min(size, positions - 1 - fed)
+            if size <= 0:
+                break
+            features.append(step(state, h[:, fed : fed + size]))
+            fed += size
+        note(f"fed {fed} of {positions} positions")
+        torch.testing.assert_close(
+            torch.cat(features, 1), expected[:, : fed + 1], atol=TOL, rtol=TOL
+        )
+
+
+@settings(max_examples=8)  # each example inverts twice, position by position
+@given(positions=st.integers(1, 6), channels=st.integers(1, 3), seed=sizes["seed"])
+def test_flow_cached_inverse_matches_uncached(
+    coupling, direction, conditioner, positions, channels, seed
+):
+    flow = make_flow(coupling, direction, conditioner, channels, positions)
+    randomise(flow, seed, WEIGHT_SCALE)
+    u = draw(torch.Generator().manual_seed(seed + 1), 2, positions, channels)
+    before = u.clone()
+
+    cached = flow.inverse(u)
+    uncached = flow.inverse(u, cached=False)
+
+    assert torch.equal(u, before), "inversion changed its input"
+    torch.testing.assert_close(cached, uncached, atol=TOL, rtol=TOL)
 
 
 @given(positions=st.integers(1, 4), channels=st.integers(1, 3), seed=sizes["seed"])
