@@ -239,7 +239,7 @@ def test_conditioner_decoding_gives_the_forward_features(
         )
 
 
-@settings(max_examples=8)  # each example inverts twice, position by position
+@settings(max_examples=8, deadline=None)  # each example inverts twice, position by position
 @given(positions=st.integers(1, 6), channels=st.integers(1, 3), seed=sizes["seed"])
 def test_flow_cached_inverse_matches_uncached(
     coupling, direction, conditioner, positions, channels, seed
