@@ -106,7 +106,6 @@ def normal_to_mixture(u, log_weights, loc, log_scale, family: str, max_iter: int
     function stays well scaled far into the tails; a step that leaves the bracket, or one that
     follows a step which failed to halve it, is replaced by bisection.
     """
-    lower = u <= 0
     log_target_cdf = torch.special.log_ndtr(u)
     log_target_sf = torch.special.log_ndtr(-u)
 
@@ -117,17 +116,32 @@ def normal_to_mixture(u, log_weights, loc, log_scale, family: str, max_iter: int
         standard_quantile = u.unsqueeze(-1)
     quantiles = loc + torch.exp(log_scale) * standard_quantile
     lo, hi = quantiles.min(-1).values, quantiles.max(-1).values
+    return _bracketed_inverse(u, log_weights, loc, log_scale, family, lo, hi, max_iter)
 
+
+def _bracketed_inverse(u, log_weights, loc, log_scale, family, lo, hi, max_iter: int):
+    """Solve Phi^-1(F(x)) = u starting from the bracket [lo, hi], widened first if the root
+    lies outside it (the quantile bracket is exact in real numbers, not always in floats)."""
+    lower = u <= 0
+    log_target_cdf = torch.special.log_ndtr(u)
+    log_target_sf = torch.special.log_ndtr(-u)
+
+    def gap(x):
+        """g, increasing in x and zero at the root on either half, and its slope."""
+        log_cdf, log_sf, log_pdf = mixture_logs(x, log_weights, loc, log_scale, family)
+        g = torch.where(lower, log_cdf - log_target_cdf, log_target_sf - log_sf)
+        return g, torch.exp(log_pdf - torch.where(lower, log_cdf, log_sf))
+
+    lo, hi = _widen_bracket(gap, lo, hi)
     eps = torch.finfo(u.dtype).eps
+    # A tiny Newton step means convergence only where g is near zero too: far out in a tail
+    # the slope can be lost to cancellation, and a wrong slope also gives a tiny step.
+    g_tolerance = math.sqrt(eps) * (1 + torch.where(lower, log_target_cdf, log_target_sf).abs())
     x = 0.5 * (lo + hi)
     last_width = hi - lo
     converged = torch.zeros_like(u, dtype=torch.bool)
     for _ in range(max_iter):
-        log_cdf, log_sf, log_pdf = mixture_logs(x, log_weights, loc, log_scale, family)
-
-        # g is increasing in x and zero at the root, on either half.
-        g = torch.where(lower, log_cdf - log_target_cdf, log_target_sf - log_sf)
-        slope = torch.exp(log_pdf - torch.where(lower, log_cdf, log_sf))
+        g, slope = gap(x)
         hi = torch.where(g > 0, x, hi)
         lo = torch.where(g > 0, lo, x)
 
@@ -143,7 +157,12 @@ def normal_to_mixture(u, log_weights, loc, log_scale, family: str, max_iter: int
         # An exact root, or a value that already converged, stays where it is.
         settled = converged | (g == 0)
         new_x = torch.where(settled, x, new_x)
-        converged = settled | ((new_x - x).abs() <= 4 * eps * (1 + x.abs()))
+        tiny = 4 * eps * (1 + x.abs())
+        converged = (
+            settled
+            | ((hi - lo) <= tiny)
+            | (((new_x - x).abs() <= tiny) & (g.abs() <= g_tolerance))
+        )
         x = new_x
         if bool(converged.all()):
             break
@@ -152,6 +171,26 @@ def normal_to_mixture(u, log_weights, loc, log_scale, family: str, max_iter: int
             f"mixture CDF inverse stopped after {max_iter} steps with "
             f"{int((~converged).sum())} of {converged.numel()} values unconverged",
             TarflowWarning,
-            stacklevel=2,
+            stacklevel=3,
         )
     return x
+
+
+def _widen_bracket(gap, lo, hi, max_doublings: int = 64):
+    """Move the ends of [lo, hi] outwards, doubling the stride, until g(lo) <= 0 <= g(hi).
+
+    An end found on the wrong side of the root becomes the other end, so the bracket stays as
+    tight as what is known allows.
+    """
+    stride = torch.clamp((hi - lo).abs(), min=1.0)
+    for _ in range(max_doublings):
+        g_lo, g_hi = gap(lo)[0], gap(hi)[0]
+        root_below, root_above = g_lo > 0, g_hi < 0
+        if not bool((root_below | root_above).any()):
+            break
+        lo, hi = (
+            torch.where(root_below, lo - stride, torch.where(root_above, hi, lo)),
+            torch.where(root_above, hi + stride, torch.where(root_below, lo, hi)),
+        )
+        stride = torch.where(root_below | root_above, 2 * stride, stride)
+    return lo, hi
