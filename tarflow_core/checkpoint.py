@@ -125,8 +125,17 @@ def save(folder: Path, model, step: int = 0, trainer_state=None, extra=None) -> 
     shutil.rmtree(previous, ignore_errors=True)
 
 
-def read_manifest(folder: Path) -> dict:
-    """The manifest of a checkpoint folder, after checking every file against it."""
+def _is_legacy(manifest) -> bool:
+    """Checkpoints of the first releases: `{"step": N}` beside the weights, nothing more."""
+    return isinstance(manifest, dict) and "format" not in manifest and "step" in manifest
+
+
+def read_manifest(folder: Path, allow_legacy: bool = False) -> dict:
+    """The manifest of a checkpoint folder, after checking every file against it.
+
+    With `allow_legacy`, a checkpoint written before manifests existed is let through with
+    its files unchecked; it can give weights, not a resumable training state.
+    """
     folder = Path(folder)
     meta_path = folder / META
     if not meta_path.exists():
@@ -143,6 +152,15 @@ def read_manifest(folder: Path) -> dict:
         raise CheckpointError(
             f"the manifest {str(meta_path)!r} is not JSON", hint=DAMAGED_HINT
         ) from None
+    if allow_legacy and _is_legacy(manifest):
+        logger.warning("%s predates checkpoint manifests; its files are not checked", folder)
+        return {**manifest, "files": {}, "legacy": True}
+    if _is_legacy(manifest):
+        raise CheckpointError(
+            f"{str(folder)!r} was written by an older tarflow: it holds weights but not the "
+            "state needed to resume training",
+            hint="load its weights with checkpoint.load_weights, or start a new run",
+        )
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         found = manifest.get("format") if isinstance(manifest, dict) else None
         raise CheckpointError(
@@ -198,8 +216,9 @@ def load_weights(folder: Path, model) -> dict:
     damaged, not a tarflow checkpoint, or written by a model of another shape.
     """
     folder = Path(folder)
-    manifest = read_manifest(folder)
-    _check_shapes(manifest, model, folder)
+    manifest = read_manifest(folder, allow_legacy=True)
+    if not manifest.get("legacy"):
+        _check_shapes(manifest, model, folder)
     try:
         load_model(model, str(folder / WEIGHTS), strict=True)
     except (SafetensorError, RuntimeError, OSError) as error:

@@ -370,8 +370,9 @@ class MetricsLog:
             with open(self.path, "a") as file:
                 file.write(json.dumps({"step": step, **metrics}) + "\n")
 
-    def keep_until(self, step: int) -> None:
-        """Drop the lines after `step` (and a line a kill cut short)."""
+    def keep_until(self, step: int, final: bool = False) -> None:
+        """Drop the lines after `step` (and a line a kill cut short). With `final`, `step` is
+        the last step, whose validation comes after its checkpoint and is dropped too."""
         if self.path is None or not self.path.exists():
             return
         kept = []
@@ -380,7 +381,9 @@ class MetricsLog:
                 record = json.loads(line)
             except json.JSONDecodeError:
                 continue
-            if record.get("step", math.inf) <= step:
+            at = record.get("step", math.inf)
+            scored_after = final and at == step and any(k.startswith("val/") for k in record)
+            if at <= step and not scored_after:
                 kept.append(line + "\n")
         checkpoint.write_text_atomic(self.path, "".join(kept))
 
@@ -529,6 +532,7 @@ def train(
         if ctx.world_size > 1:
             torch.distributed.barrier()
         if checkpoint_dir.exists():
+            checkpoint.read_manifest(checkpoint_dir)  # refuses what cannot resume, saying why
             manifest = checkpoint.load_weights(checkpoint_dir, model)
             saved_state = checkpoint.load_trainer_state(checkpoint_dir)
             done, stage = saved_state["step"], saved_state["stage"]
@@ -547,7 +551,7 @@ def train(
             logger.info("resuming from step %d (checkpoint %s)", manifest["step"], checkpoint_dir)
         else:
             logger.warning("no checkpoint in %s yet: training starts from step 0", run_dir)
-    log.keep_until(done)
+    log.keep_until(done, final=done == config.steps)
 
     optimizer, scheduler = enter_stage(model, config, stage)
     if saved_state is not None:
