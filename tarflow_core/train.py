@@ -524,33 +524,16 @@ def train(
     stage_ends = stage_plan(config)
     rows = _local_rows(config, ctx)
 
-    done, stage, skipped, in_a_row, window = 0, 0, 0, 0, _new_window()
-    saved_state = None
-    if resume:
-        if ctx.is_main:
-            checkpoint.recover(checkpoint_dir)
-        if ctx.world_size > 1:
-            torch.distributed.barrier()
-        if checkpoint_dir.exists():
-            checkpoint.read_manifest(checkpoint_dir)  # refuses what cannot resume, saying why
-            manifest = checkpoint.load_weights(checkpoint_dir, model)
-            saved_state = checkpoint.load_trainer_state(checkpoint_dir)
-            done, stage = saved_state["step"], saved_state["stage"]
-            skipped, in_a_row = saved_state["skipped"], saved_state["skipped_in_a_row"]
-            window = saved_state["window"]
-            sampler.generator.set_state(saved_state["rng"]["data"])
-            noise_generator.set_state(saved_state["rng"]["noise"])
-            torch.set_rng_state(saved_state["rng"]["torch"])
-            changed = _settings_changed(saved_state.get("train_config", {}), config)
-            if changed:
-                logger.warning(
-                    "resuming with changed settings (%s): the run will differ from an "
-                    "uninterrupted one",
-                    "; ".join(changed),
-                )
-            logger.info("resuming from step %d (checkpoint %s)", manifest["step"], checkpoint_dir)
-        else:
-            logger.warning("no checkpoint in %s yet: training starts from step 0", run_dir)
+    saved_state = _restore(checkpoint_dir, model, config, ctx) if resume else None
+    if saved_state is None:
+        done, stage, skipped, in_a_row, window = 0, 0, 0, 0, _new_window()
+    else:
+        done, stage = saved_state["step"], saved_state["stage"]
+        skipped, in_a_row = saved_state["skipped"], saved_state["skipped_in_a_row"]
+        window = saved_state["window"]
+        sampler.generator.set_state(saved_state["rng"]["data"])
+        noise_generator.set_state(saved_state["rng"]["noise"])
+        torch.set_rng_state(saved_state["rng"]["torch"])
     log.keep_until(done, final=done == config.steps)
 
     optimizer, scheduler = enter_stage(model, config, stage)
@@ -582,7 +565,7 @@ def train(
     bar = progress(config.steps, "train")
     bar.update(done)
     model.train()
-    started, start_step = time.perf_counter(), done
+    started = time.perf_counter()
     metrics: dict[str, float] = {}
     try:
         with StopRequest() as stop:
@@ -646,20 +629,13 @@ def train(
 
                 if step % config.log_every == 0 or step == config.steps:
                     metrics = _window_metrics(window, corpus, config, stage)
-                    elapsed = time.perf_counter() - started
                     metrics["train/lr"] = scheduler.get_last_lr()[0]
                     metrics["train/grad_norm"] = grad_norm
                     metrics["train/skipped_steps"] = skipped
-                    metrics["train/tokens_per_second"] = (
-                        (step - start_step) * x.numel() / max(elapsed, 1e-9)
-                    )
+                    elapsed = max(time.perf_counter() - started, 1e-9)
+                    metrics["train/tokens_per_second"] = (step - done) * x.numel() / elapsed
                     log(metrics, step)
-                    postfix = {}
-                    if "train/nelbo" in metrics:
-                        postfix["nelbo"] = f"{metrics['train/nelbo']:.3f}"
-                    if skipped:
-                        postfix["skipped"] = skipped
-                    bar.set_postfix(postfix)
+                    bar.set_postfix(_postfix(metrics))
                     window = _new_window()
 
                 if step % config.eval_every == 0 and step != config.steps and ctx.is_main:
@@ -675,6 +651,39 @@ def train(
         bar.close()
         model.requires_grad_(True)
     return metrics
+
+
+def _restore(checkpoint_dir: Path, model, config: TrainConfig, ctx: Distributed):
+    """Load the newest complete checkpoint's weights into `model`; return its trainer state,
+    or None when the run has no checkpoint yet."""
+    if ctx.is_main:
+        checkpoint.recover(checkpoint_dir)
+    if ctx.world_size > 1:
+        torch.distributed.barrier()  # the others read what rank 0 recovered
+    if not checkpoint_dir.exists():
+        logger.warning("no checkpoint in %s yet: training starts from step 0", checkpoint_dir)
+        return None
+    checkpoint.read_manifest(checkpoint_dir)  # refuses what cannot resume, saying why
+    manifest = checkpoint.load_weights(checkpoint_dir, model)
+    saved_state = checkpoint.load_trainer_state(checkpoint_dir)
+    changed = _settings_changed(saved_state.get("train_config", {}), config)
+    if changed:
+        logger.warning(
+            "resuming with changed settings (%s): the run will differ from an uninterrupted one",
+            "; ".join(changed),
+        )
+    logger.info("resuming from step %d (checkpoint %s)", manifest["step"], checkpoint_dir)
+    return saved_state
+
+
+def _postfix(metrics: dict) -> dict:
+    """What the progress bar shows: the loss, and skipped steps once there are any."""
+    postfix = {}
+    if "train/nelbo" in metrics:
+        postfix["nelbo"] = f"{metrics['train/nelbo']:.3f}"
+    if metrics["train/skipped_steps"]:
+        postfix["skipped"] = int(metrics["train/skipped_steps"])
+    return postfix
 
 
 def _window_metrics(window: dict, corpus: Corpus, config: TrainConfig, stage: int) -> dict:
