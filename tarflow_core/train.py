@@ -790,6 +790,20 @@ def _shared_run_dir(run, corpus, config_text, params, resume_dir, ctx: Distribut
     return Path(outcome[0])
 
 
+def _share_start_failure(failure: BaseException | None, ctx: Distributed) -> None:
+    """Raise rank 0's failure to start a run on every rank, so none waits for the others."""
+    if ctx.world_size > 1:
+        message = [None]
+        if failure is not None:
+            one_line = failure.one_line() if isinstance(failure, TarflowError) else None
+            message[0] = one_line or f"{type(failure).__name__}: {failure}"
+        torch.distributed.broadcast_object_list(message, src=0)
+        if failure is None and message[0] is not None:
+            raise TarflowError(f"rank 0 could not start the run: {message[0]}")
+    if failure is not None:
+        raise failure
+
+
 def run_experiment(
     model,
     corpus: Corpus,
@@ -830,14 +844,16 @@ def run_experiment(
     num_params = sum(p.numel() for p in model.parameters())
     logger.info("run folder %s; %.2fM parameters", run_dir, num_params / 1e6)
 
+    failure = None
     try:
         hook.tarflow_run_started(run=info)
-    except BaseException:
+    except BaseException as error:
         # Nothing has been trained: leave no half-written run behind (a resumed run keeps
         # its folder as it was).
         if not resumed and ctx.is_main:
             shutil.rmtree(run_dir, ignore_errors=True)
-        raise
+        failure = error
+    _share_start_failure(failure, ctx)
     status = "FAILED"
     try:
         hook.tarflow_log_artifact(path=run_dir / "operative_config.gin")
