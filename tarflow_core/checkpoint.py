@@ -216,6 +216,9 @@ def load_weights(folder: Path, model) -> dict:
     damaged, not a tarflow checkpoint, or written by a model of another shape.
     """
     folder = Path(folder)
+    if not (folder / META).exists():
+        # A kill between the two renames of a save leaves the checkpoint under another name.
+        folder = find(folder) or folder
     manifest = read_manifest(folder, allow_legacy=True)
     if not manifest.get("legacy"):
         _check_shapes(manifest, model, folder)

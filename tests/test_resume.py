@@ -130,6 +130,9 @@ def test_a_save_killed_between_its_renames_leaves_the_newest_checkpoint(
     monkeypatch.undo()
     assert not folder.exists()
 
+    fresh = small_model(components)
+    assert checkpoint.load_weights(folder, fresh)["step"] == 10, "readable before recovery"
+
     assert checkpoint.recover(folder) == folder
     assert checkpoint.read_manifest(folder)["step"] == 10
     assert checkpoint.load_trainer_state(folder) == {"step": 10}
