@@ -513,6 +513,8 @@ def train(
     run_dir = Path(run_dir)
     ctx = distributed_context()
     check_world_size(config, ctx)
+    if ctx.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
     sampler = WindowSampler(
         corpus.train_ids, config.seq_len, config.batch_size, stream_seed(config.seed, "data")
     )
@@ -578,7 +580,9 @@ def train(
                 noise = model.noise_like(x, noise_generator)  # (B, T, D), or None
                 local_noise = None if noise is None else noise[rows]
                 loss, parts = loss_module(x[rows], local_noise)
-                optimizer.zero_grad(set_to_none=True)
+                # The whole model, not the optimiser's share: a progressive stage's frozen
+                # parameters would otherwise keep their last gradients and swell the norm.
+                model.zero_grad(set_to_none=True)
                 loss.backward()
                 grad_norm = float(
                     torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
@@ -599,7 +603,7 @@ def train(
                     for key, value in parts.items():
                         window["parts"][key] = window["parts"].get(key, 0.0) + value
                 else:
-                    optimizer.zero_grad(set_to_none=True)
+                    model.zero_grad(set_to_none=True)
                     skipped += 1
                     in_a_row += 1
                     logger.warning(

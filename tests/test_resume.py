@@ -267,3 +267,45 @@ def test_a_resumed_run_continues_its_mlflow_run(components, shakespeare, tmp_pat
     history = client.get_metric_history(run.info.run_id, "train/nelbo")
     assert {m.step for m in history} == set(range(1, 15))
     assert json.loads((run_dir / "mlflow_run.json").read_text())["run_id"] == run.info.run_id
+
+
+class CrashingHook:
+    """Stands in for the plugin relay: fails at one step, as a crash in the middle of a run."""
+
+    def __init__(self, step=None):
+        self.step = step
+
+    def tarflow_log_metrics(self, metrics, step):
+        if step == self.step:
+            raise RuntimeError("simulated crash")
+
+
+def test_a_progressive_run_resumes_inside_a_later_stage(components, shakespeare, tmp_path):
+    bindings = ["STEPS = 20", "TrainConfig.progressive_shares = [2, 1, 1]"]
+
+    def experiment():
+        config.parse(
+            ["gin/discrete.gin", "gin/runs/tiny.gin"],
+            [f"load_corpus.source = '{shakespeare}'", *RUN_BINDINGS, *bindings],
+        )
+        return config.build_experiment(components)
+
+    whole, crashed = tmp_path / "whole", tmp_path / "crashed"
+    first = experiment()
+    train.train(first.model, first.corpus, first.train_config, CrashingHook(), whole)
+    second = experiment()
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        train.train(second.model, second.corpus, second.train_config, CrashingHook(17), crashed)
+    assert checkpoint.read_manifest(crashed / "checkpoint")["step"] == 15  # inside stage 2
+
+    third = experiment()
+    train.train(
+        third.model, third.corpus, third.train_config, CrashingHook(), crashed, resume=True
+    )
+
+    resumed, uninterrupted = train.read_metrics(crashed), train.read_metrics(whole)
+    assert [r["train/stage"] for r in resumed] == [0] * 10 + [1] * 5 + [2] * 5
+    assert [r["step"] for r in resumed] == list(range(1, 21))
+    for got, expected in zip(resumed, uninterrupted, strict=True):
+        got.pop("train/tokens_per_second"), expected.pop("train/tokens_per_second")
+        assert got == expected
