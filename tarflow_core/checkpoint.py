@@ -79,6 +79,7 @@ def _siblings(folder: Path) -> tuple[Path, Path]:
 
 
 def parameter_shapes(model) -> dict[str, list[int]]:
+    """The shape of every tensor of a model's state, by name: what a checkpoint must match."""
     return {name: list(t.shape) for name, t in model.state_dict().items()}
 
 
