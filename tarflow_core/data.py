@@ -167,14 +167,6 @@ def bpe_tokenizer(text: str, vocab_size: int) -> Tokenizer:
     return tokenizer
 
 
-def unknown_characters(tokenizer: Tokenizer, text: str) -> list[str]:
-    """The characters of `text` a tokenizer has no token for, sorted (none at byte level)."""
-    vocab = tokenizer.get_vocab()
-    if tokenizer.token_to_id(UNKNOWN) is None:
-        return []  # byte-level BPE: every string can be encoded
-    return sorted(ch for ch in set(text) if ch not in vocab)
-
-
 def describe_unknown(text: str, missing: list[str], shown: int = 10) -> str:
     """A short account of characters outside the vocabulary, for messages."""
     count = sum(text.count(ch) for ch in missing)
@@ -283,6 +275,25 @@ def validation_windows(ids: torch.Tensor, seq_len: int) -> torch.Tensor:
 def save_tokenizer(corpus: Corpus, path: Path) -> None:
     path.write_text(corpus.tokenizer.to_str())
     path.with_suffix(".meta.json").write_text(json.dumps({"level": corpus.level}))
+
+
+def load_tokenizer(path: Path) -> Tokenizer:
+    """The tokenizer a run saved beside its checkpoint."""
+    try:
+        return Tokenizer.from_file(str(path))
+    except Exception as error:  # missing, truncated or not a tokenizer file
+        raise DataError(
+            f"cannot read the tokenizer {str(path)!r}: {str(error).splitlines()[0][:200]}",
+            hint="point at a run folder written by tarflow_core.run",
+        ) from None
+
+
+def unknown_characters(tokenizer: Tokenizer, text: str) -> list[str]:
+    """The characters of `text` that the tokenizer maps to its unknown token, in order seen."""
+    vocab = tokenizer.get_vocab()
+    if UNKNOWN not in vocab:
+        return []  # byte-level BPE: every input has tokens
+    return list(dict.fromkeys(ch for ch in text if ch not in vocab))
 
 
 def bits_per_token_to_report(nelbo_per_token: float, level: str) -> dict[str, float]:

@@ -97,6 +97,17 @@ def mixture_to_normal(x, log_weights, loc, log_scale, family: str):
     return u, log_pdf - log_normal_pdf(u)
 
 
+def _bracket(u, loc, log_scale, family: str, log_target_cdf, log_target_sf):
+    """The smallest and largest of the components' own quantiles at level Phi(u): F is a
+    weighted mean of the component CDFs, so its quantile lies between them."""
+    if family == "logistic":
+        standard_quantile = (log_target_cdf - log_target_sf).unsqueeze(-1)
+    else:
+        standard_quantile = u.unsqueeze(-1)
+    quantiles = loc + torch.exp(log_scale) * standard_quantile
+    return quantiles.min(-1).values, quantiles.max(-1).values
+
+
 def normal_to_mixture(u, log_weights, loc, log_scale, family: str, max_iter: int = 200):
     """The inverse of `mixture_to_normal`: x with Phi^-1(F(x)) = u, by safeguarded Newton.
 
@@ -106,22 +117,6 @@ def normal_to_mixture(u, log_weights, loc, log_scale, family: str, max_iter: int
     function stays well scaled far into the tails; a step that leaves the bracket, or one that
     follows a step which failed to halve it, is replaced by bisection.
     """
-    log_target_cdf = torch.special.log_ndtr(u)
-    log_target_sf = torch.special.log_ndtr(-u)
-
-    # The components' quantiles at level Phi(u), computed without leaving log space.
-    if family == "logistic":
-        standard_quantile = (log_target_cdf - log_target_sf).unsqueeze(-1)
-    else:
-        standard_quantile = u.unsqueeze(-1)
-    quantiles = loc + torch.exp(log_scale) * standard_quantile
-    lo, hi = quantiles.min(-1).values, quantiles.max(-1).values
-    return _bracketed_inverse(u, log_weights, loc, log_scale, family, lo, hi, max_iter)
-
-
-def _bracketed_inverse(u, log_weights, loc, log_scale, family, lo, hi, max_iter: int):
-    """Solve Phi^-1(F(x)) = u starting from the bracket [lo, hi], widened first if the root
-    lies outside it (the quantile bracket is exact in real numbers, not always in floats)."""
     lower = u <= 0
     log_target_cdf = torch.special.log_ndtr(u)
     log_target_sf = torch.special.log_ndtr(-u)
@@ -132,6 +127,8 @@ def _bracketed_inverse(u, log_weights, loc, log_scale, family, lo, hi, max_iter:
         g = torch.where(lower, log_cdf - log_target_cdf, log_target_sf - log_sf)
         return g, torch.exp(log_pdf - torch.where(lower, log_cdf, log_sf))
 
+    # Rounding can leave the root just outside the quantile bracket; widen it until it holds.
+    lo, hi = _bracket(u, loc, log_scale, family, log_target_cdf, log_target_sf)
     lo, hi = _widen_bracket(gap, lo, hi)
     eps = torch.finfo(u.dtype).eps
     # A tiny Newton step means convergence only where g is near zero too: far out in a tail
@@ -171,7 +168,7 @@ def _bracketed_inverse(u, log_weights, loc, log_scale, family, lo, hi, max_iter:
             f"mixture CDF inverse stopped after {max_iter} steps with "
             f"{int((~converged).sum())} of {converged.numel()} values unconverged",
             TarflowWarning,
-            stacklevel=3,
+            stacklevel=2,
         )
     return x
 
