@@ -1,10 +1,14 @@
 """MLflow tracking on the run lifecycle hooks.
 
 One MLflow run per tarflow run: params are the operative gin bindings, metrics the slash-named
-scalars, artifacts the operative config, tokenizer, checkpoint and samples.
+scalars, artifacts the operative config, tokenizer, checkpoint and samples. The MLflow run id is
+kept in the run folder (`mlflow_run.json`), so a resumed run continues the same MLflow run. In a
+multi-process run only rank 0 tracks.
 """
 
+import json
 import logging
+import os
 import socket
 import urllib.parse
 
@@ -17,6 +21,39 @@ logger = logging.getLogger(__name__)
 MAX_PARAM_LENGTH = 6000
 
 _active = {"run": None}
+
+RUN_RECORD = "mlflow_run.json"
+
+
+def _is_main_process() -> bool:
+    import torch.distributed
+
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank() == 0
+    return True
+
+
+def _recorded_run_id(run) -> str | None:
+    """The MLflow run a resumed tarflow run continues, if it was tracked at the same place."""
+    path = run.run_dir / RUN_RECORD
+    if not run.resumed or not path.exists():
+        return None
+    record = json.loads(path.read_text())
+    if record.get("tracking_uri") != run.tracking_uri:
+        logger.warning(
+            "the run was tracked at %s, not %s: a new MLflow run is started",
+            record.get("tracking_uri"),
+            run.tracking_uri,
+        )
+        return None
+    return record.get("run_id")
+
+
+def _record_run_id(run, run_id: str) -> None:
+    path = run.run_dir / RUN_RECORD
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps({"run_id": run_id, "tracking_uri": run.tracking_uri}, indent=2))
+    os.replace(tmp, path)
 
 
 def _mlflow():
@@ -42,7 +79,7 @@ def _check_reachable(uri: str, timeout: float = 5.0) -> None:
 
 @hookimpl
 def tarflow_run_started(run):
-    if not run.track:
+    if not run.track or not _is_main_process():
         return
     _check_reachable(run.tracking_uri)
     mlflow = _mlflow()
@@ -60,8 +97,24 @@ def tarflow_run_started(run):
 
     # A study may have opened a parent run; this run then nests under it.
     nested = mlflow.active_run() is not None
+    run_id = _recorded_run_id(run)
+    if run_id is not None:
+        try:
+            active = mlflow.start_run(run_id=run_id, nested=nested)
+        except Exception as error:  # deleted run, or a store that lost it
+            raise TarflowError(
+                f"cannot continue MLflow run {run_id} recorded in {run.run_dir}: "
+                f"{type(error).__name__}",
+                hint=f"delete {run.run_dir / RUN_RECORD} to track the rest as a new MLflow run",
+            ) from None
+        _active["run"] = active
+        # Parameters cannot change in MLflow; the operative config artifact is logged again.
+        mlflow.set_tag("resumed", "true")
+        logger.info("continuing MLflow run %s in %s", run_id, run.tracking_uri)
+        return
     active = mlflow.start_run(run_name=run.run_dir.name, nested=nested)
     _active["run"] = active
+    _record_run_id(run, active.info.run_id)
     params = {key: value[:MAX_PARAM_LENGTH] for key, value in run.params.items()}
     items = list(params.items())
     for start in range(0, len(items), 100):  # MLflow takes at most 100 params per call

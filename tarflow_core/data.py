@@ -167,6 +167,17 @@ def bpe_tokenizer(text: str, vocab_size: int) -> Tokenizer:
     return tokenizer
 
 
+def describe_unknown(text: str, missing: list[str], shown: int = 10) -> str:
+    """A short account of characters outside the vocabulary, for messages."""
+    count = sum(text.count(ch) for ch in missing)
+    kinds = ", ".join(repr(ch) for ch in missing[:shown])
+    more = f" and {len(missing) - shown} more" if len(missing) > shown else ""
+    return (
+        f"{count} characters of {len(missing)} kinds the training split never shows "
+        f"({kinds}{more})"
+    )
+
+
 def encode(tokenizer: Tokenizer, text: str) -> torch.Tensor:
     """Token ids of a long text, encoded line by line so that no single input is huge."""
     lines = text.splitlines(keepends=True)
@@ -210,12 +221,11 @@ def load_corpus(
 
     train_ids, val_ids = encode(tok, train_text), encode(tok, val_text)
     if tokenizer == "char":
-        unknown = int((val_ids == 0).sum())
-        if unknown:
+        missing = unknown_characters(tok, val_text)
+        if missing:
             logger.warning(
-                "%d validation characters are not in the training alphabet; they are "
-                "encoded as %s and still scored",
-                unknown,
+                "the validation split has %s; they are encoded as %s and scored as that token",
+                describe_unknown(val_text, missing),
                 UNKNOWN,
             )
     logger.info(

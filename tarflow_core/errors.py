@@ -31,6 +31,18 @@ class PluginError(TarflowError):
     """A plugin that breaks the rules of the registry."""
 
 
+class CheckpointError(TarflowError):
+    """A checkpoint that is missing, damaged, foreign, or written by a different model."""
+
+
+class NonFiniteStepsError(TarflowError):
+    """Training stopped: too many steps in a row had a non-finite loss or gradient."""
+
+
+class PluginHookError(TarflowError):
+    """A plugin's hook raised while the framework called it."""
+
+
 class UnknownComponentError(TarflowError, KeyError):
     """A component name that no plugin registered."""
 

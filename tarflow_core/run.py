@@ -1,6 +1,8 @@
 """The command line of the main job: train, evaluate and sample a model described by gin files.
 
 python -m tarflow_core.run --gin gin/mixture.gin [--bind 'TrainConfig.steps = 100'] ...
+python -m tarflow_core.run --resume runs/<name>-<date>      # continue after a crash
+torchrun --standalone --nproc_per_node 2 -m tarflow_core.run --gin ...   # several processes
 """
 
 import argparse
@@ -8,14 +10,15 @@ import logging
 import os
 import signal
 import sys
+from pathlib import Path
 
 import torch
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from tarflow_core import config, registry
-from tarflow_core.errors import TarflowError
-from tarflow_core.train import run_experiment
+from tarflow_core.errors import PluginHookError, TarflowError
+from tarflow_core.train import RUN_FILE, distributed_context, run_experiment
 
 logger = logging.getLogger("tarflow_core.run")
 
@@ -47,6 +50,13 @@ def parse_args(argv):
         help="logging level (default INFO)",
     )
     parser.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads")
+    parser.add_argument(
+        "--resume",
+        metavar="RUN_DIR",
+        default=None,
+        help="continue the run in this folder from its last checkpoint; its own "
+        "operative_config.gin is used unless --gin is given (--bind still applies)",
+    )
     return parser.parse_args(argv)
 
 
@@ -54,6 +64,52 @@ def positive_int(text: str) -> int:
     if not text.isdigit() or int(text) < 1:
         raise argparse.ArgumentTypeError(f"expected a positive whole number, not {text!r}")
     return int(text)
+
+
+def resume_gin_files(args) -> list[str]:
+    """The gin files of a run: those given, or the resumed run's own operative config."""
+    if args.resume is None:
+        return args.gin
+    run_dir = Path(args.resume)
+    if not (run_dir / RUN_FILE).is_file():
+        raise TarflowError(
+            f"{args.resume!r} is not a tarflow run folder (it has no {RUN_FILE})",
+            hint="give the folder a run was written to, e.g. runs/<name>-<date>",
+        )
+    return args.gin or [str(run_dir / "operative_config.gin")]
+
+
+def start_distributed() -> bool:
+    """Join the process group torchrun describes in the environment; False without one."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return False
+    # Collectives on CPU tensors go through gloo; NCCL serves tensors on GPUs.
+    backend = "cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo"
+    torch.distributed.init_process_group(backend)
+    return True
+
+
+def blame_plugin(pm, error: BaseException) -> PluginHookError | None:
+    """A plugin hook in the error's traceback (the deepest one), as an error naming it."""
+    hooks = {}
+    for hook_name, caller in vars(pm.hook).items():
+        if hook_name.startswith("tarflow_"):
+            for impl in caller.get_hookimpls():
+                hooks[impl.function.__code__] = (impl.plugin_name, hook_name)
+    found = None
+    frame = error.__traceback__
+    while frame is not None:
+        found = hooks.get(frame.tb_frame.f_code, found)
+        frame = frame.tb_next
+    if found is None:
+        return None
+    plugin, hook_name = found
+    first = str(error).strip().splitlines()[0] if str(error).strip() else ""
+    return PluginHookError(
+        f"plugin {plugin!r} raised in {hook_name}: {type(error).__name__}: {first[:300]}",
+        hint="fix or uninstall the package that provides it; a run that had started "
+        "training kept its last checkpoint for --resume",
+    )
 
 
 def stop_on_sigterm(signum, frame):
@@ -109,8 +165,22 @@ def print_summary(summary: dict) -> None:
 
 def main(argv=None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
+    distributed = start_distributed()
+    try:
+        return _main(args)
+    finally:
+        if distributed:
+            torch.distributed.destroy_process_group()
+
+
+def _main(args) -> int:
+    ctx = distributed_context()
+    # In a multi-process run, rank 0 speaks for all; the others report only problems.
     logging.basicConfig(
-        level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+        level=args.log_level if ctx.is_main else "WARNING",
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+        if ctx.world_size == 1
+        else f"%(asctime)s rank {ctx.rank} %(levelname)s %(name)s: %(message)s",
     )
     signal.signal(signal.SIGTERM, stop_on_sigterm)
     if args.threads:
@@ -122,15 +192,17 @@ def main(argv=None) -> int:
     datasets.disable_progress_bars()
     datasets.logging.set_verbosity_error()
 
+    pm = None
     try:
         pm, components = registry.load()
         if args.list_components:
             print(registry.plugin_summary(components))
             return 0
-        if not args.gin:
+        gin_files = resume_gin_files(args)
+        if not gin_files:
             raise TarflowError("no gin file given", hint="try --gin gin/mixture.gin")
         config.setup(components)
-        config.parse(args.gin, args.bind)
+        config.parse(gin_files, args.bind)
 
         try:
             experiment = config.build_experiment(components)
@@ -154,14 +226,26 @@ def main(argv=None) -> int:
                 operative,
                 config.flat_bindings(operative),
                 progress_bar,
+                resume_dir=args.resume,
             )
     except TarflowError as error:
         print(f"error: {error.one_line()}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("interrupted; a run that had started training kept a checkpoint", file=sys.stderr)
+        print(
+            "interrupted; a run that had started training kept a checkpoint: continue it "
+            "with --resume <its run folder>",
+            file=sys.stderr,
+        )
         return 130
-    print_summary(summary)
+    except Exception as error:
+        blamed = blame_plugin(pm, error) if pm is not None else None
+        if blamed is None:
+            raise
+        print(f"error: {blamed.one_line()}", file=sys.stderr)
+        return 2
+    if ctx.is_main:
+        print_summary(summary)
     return 0
 
 

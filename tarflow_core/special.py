@@ -173,8 +173,12 @@ def solve_normal_to_mixture(
     # next speed-up; fewer steps are not to be had, channel i needs channels < i.
     targets = _targets(u)
     eps = torch.finfo(u.dtype).eps
+    # A Newton step below rounding ends the search only where g is near zero too: far out in
+    # a tail the slope can be lost to cancellation, and a wrong slope also gives a tiny step.
+    g_tolerance = math.sqrt(eps) * (1 + torch.where(*targets).abs())
     params = mixture_of(u if start is None else start)
     lo, hi = _bracket(u, params[1], params[2], family, targets[1], targets[2])
+    lo, hi = _widen_bracket(lambda x: _residual(x, targets, *params, family)[0], lo, hi)
     x = 0.5 * (lo + hi) if start is None else torch.minimum(torch.maximum(start, lo), hi)
     # Sizes of the last two steps; the bracket's width stands in before there are any.
     last_step = older_step = hi - lo
@@ -191,6 +195,11 @@ def solve_normal_to_mixture(
             stale[..., 0] = False
             if bool(stale.any()):
                 fresh_lo, fresh_hi = _bracket(u, params[1], params[2], family, *targets[1:])
+                fresh_lo, fresh_hi = _widen_bracket(
+                    lambda x, now=params: _residual(x, targets, *now, family)[0],
+                    fresh_lo,
+                    fresh_hi,
+                )
                 lo, hi = torch.where(stale, fresh_lo, lo), torch.where(stale, fresh_hi, hi)
                 older_step = torch.where(stale, fresh_hi - fresh_lo, older_step)
                 last_step = torch.where(stale, fresh_hi - fresh_lo, last_step)
@@ -214,10 +223,13 @@ def solve_normal_to_mixture(
         # An exact root, a value that already converged, or one whose Newton step is below
         # rounding (it sits on the bracket's end, and bisecting would throw it away) stays.
         rounding = 4 * eps * (1 + x.abs())
-        settled = converged | (g == 0) | ((step - x).abs() <= rounding)
+        below_rounding = ((step - x).abs() <= rounding) & (g.abs() <= g_tolerance)
+        settled = converged | (g == 0) | below_rounding
         new_x = torch.where(settled, x, new_x)
         moved = (new_x - x).abs() > rounding
-        converged = settled | ~moved
+        # A step below rounding is convergence where g is near zero or the bracket has
+        # closed; elsewhere it is a step with a wrong slope, and the search goes on.
+        converged = settled | (~moved & ((g.abs() <= g_tolerance) | (hi - lo <= rounding)))
         x = new_x
         if bool(converged.all()):
             break
@@ -229,3 +241,23 @@ def solve_normal_to_mixture(
             stacklevel=2,
         )
     return x
+
+
+def _widen_bracket(gap, lo, hi, max_doublings: int = 64):
+    """Move the ends of [lo, hi] outwards, doubling the stride, until gap(lo) <= 0 <= gap(hi).
+
+    The quantile bracket is exact in real numbers; in floats rounding can leave the root just
+    outside it. An end found on the wrong side of the root becomes the other end, so the
+    bracket stays as tight as what is known allows.
+    """
+    stride = torch.clamp((hi - lo).abs(), min=1.0)
+    for _ in range(max_doublings):
+        root_below, root_above = gap(lo) > 0, gap(hi) < 0
+        if not bool((root_below | root_above).any()):
+            break
+        lo, hi = (
+            torch.where(root_below, lo - stride, torch.where(root_above, hi, lo)),
+            torch.where(root_above, hi + stride, torch.where(root_below, lo, hi)),
+        )
+        stride = torch.where(root_below | root_above, 2 * stride, stride)
+    return lo, hi

@@ -1,9 +1,13 @@
 """Training, evaluation and sampling of a TarFlowLM: the loop behind the main job."""
 
+import json
 import logging
 import math
 import shutil
+import signal
+import threading
 import time
+import warnings
 import zlib
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
@@ -19,7 +23,12 @@ from tarflow_core.data import (
     save_tokenizer,
     validation_windows,
 )
-from tarflow_core.errors import ConfigError, TarflowError
+from tarflow_core.errors import (
+    CheckpointError,
+    ConfigError,
+    NonFiniteStepsError,
+    TarflowError,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -46,6 +55,9 @@ class TrainConfig:
     # None trains everything at once.
     progressive_shares: list[float] | None = None
     iw_samples: int = 0  # samples of z per sequence for the final importance-weighted bound
+    # Steps in a row whose loss or gradient is NaN or infinite before the run stops; each such
+    # step is skipped (no update) and counted in train/skipped_steps.
+    max_consecutive_skips: int = 10
 
     def __post_init__(self):
         positive_ints = (
@@ -57,6 +69,7 @@ class TrainConfig:
             "eval_every",
             "eval_batch_size",
             "checkpoint_every",
+            "max_consecutive_skips",
         )
         for name in positive_ints:
             _require(self, name, int, lambda v: v >= 1, "a positive whole number")
@@ -146,6 +159,7 @@ class RunInfo:
     tracking_uri: str
     experiment: str
     tags: dict[str, str] = field(default_factory=dict)
+    resumed: bool = False  # True when the run continues in an existing run folder
 
 
 class NullProgress:
@@ -301,85 +315,497 @@ def new_run_dir(run: RunConfig) -> Path:
     return path
 
 
-def train(model, corpus: Corpus, config: TrainConfig, hook, run_dir: Path, progress=null_progress):
+METRICS_FILE = "metrics.jsonl"
+RUN_FILE = "run.json"
+
+
+@dataclass(frozen=True)
+class Distributed:
+    """This process's place in a multi-process run (rank 0 of 1 when there is none)."""
+
+    rank: int = 0
+    world_size: int = 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def distributed_context() -> Distributed:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return Distributed(torch.distributed.get_rank(), torch.distributed.get_world_size())
+    return Distributed()
+
+
+class SilentHook:
+    """The hook relay of ranks other than 0: only rank 0 logs and tracks."""
+
+    def tarflow_log_metrics(self, metrics, step):
+        pass
+
+    def tarflow_log_artifact(self, path):
+        pass
+
+    def tarflow_run_started(self, run):
+        pass
+
+    def tarflow_run_finished(self, run, status):
+        pass
+
+
+class MetricsLog:
+    """Sends metrics to the hooks and appends them to the run's metrics.jsonl, one line a call.
+
+    The file is the run's own record, independent of any tracker; on resume it is cut back to
+    the checkpoint's step, so it reads exactly as an uninterrupted run's would.
+    """
+
+    def __init__(self, hook, path: Path | None):
+        self.hook, self.path = hook, path
+
+    def __call__(self, metrics: dict, step: int) -> None:
+        if self.hook is not None:
+            self.hook.tarflow_log_metrics(metrics=metrics, step=step)
+        if self.path is not None:
+            with open(self.path, "a") as file:
+                file.write(json.dumps({"step": step, **metrics}) + "\n")
+
+    def keep_until(self, step: int, final: bool = False) -> None:
+        """Drop the lines after `step` (and a line a kill cut short). With `final`, `step` is
+        the last step, whose validation comes after its checkpoint and is dropped too."""
+        if self.path is None or not self.path.exists():
+            return
+        kept = []
+        for line in self.path.read_text().splitlines():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            at = record.get("step", math.inf)
+            scored_after = final and at == step and any(k.startswith("val/") for k in record)
+            if at <= step and not scored_after:
+                kept.append(line + "\n")
+        checkpoint.write_text_atomic(self.path, "".join(kept))
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    """Every record of a run's metrics.jsonl, in order."""
+    path = Path(run_dir) / METRICS_FILE
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+class StopRequest:
+    """Ctrl-C or SIGTERM during training: finish the step, save a checkpoint, then stop.
+
+    A second signal stops at once; the last checkpoint written stands. Signal handlers can
+    only be set from the main thread; elsewhere the signals keep their usual behaviour.
+    """
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self):
+        self.requested = False
+        self._previous = {}
+
+    def _handle(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        logger.warning("stop requested: finishing the step and saving a checkpoint")
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for sig in self.SIGNALS:
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        return False
+
+
+class ElboLoss(torch.nn.Module):
+    """The training loss as a module's forward, so DistributedDataParallel can wrap it."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x, noise):
+        return loss_terms(self.model, x, noise)
+
+
+def _loss_module(model, ctx: Distributed):
+    module = ElboLoss(model)
+    if ctx.world_size == 1:
+        return module
+    # Built again at every stage: DDP fixes the set of trained parameters when it is made.
+    return torch.nn.parallel.DistributedDataParallel(module)
+
+
+def _local_rows(config: TrainConfig, ctx: Distributed) -> slice:
+    """This rank's rows of the global batch: every rank draws the same windows and noise."""
+    share = config.batch_size // ctx.world_size
+    return slice(ctx.rank * share, (ctx.rank + 1) * share)
+
+
+def check_world_size(config: TrainConfig, ctx: Distributed) -> None:
+    if config.batch_size % ctx.world_size:
+        raise ConfigError(
+            f"TrainConfig.batch_size = {config.batch_size} does not split over "
+            f"{ctx.world_size} processes",
+            hint="the batch size is global: make it a multiple of the process count",
+        )
+
+
+def _new_window() -> dict:
+    return {"loss": 0.0, "count": 0, "parts": {}}
+
+
+def _reduce_mean(values: list[float], ctx: Distributed) -> list[float]:
+    if ctx.world_size == 1:
+        return values
+    tensor = torch.tensor(values, dtype=torch.float64)
+    torch.distributed.all_reduce(tensor)
+    return (tensor / ctx.world_size).tolist()
+
+
+def _step_scheduler(scheduler) -> None:
+    # A skipped first step calls the schedule before the optimiser, which torch warns about;
+    # the schedule follows the step count on purpose.
+    with warnings.catch_warnings():
+        warnings.filterwarnings(
+            "ignore", message="Detected call of `lr_scheduler.step", category=UserWarning
+        )
+        scheduler.step()
+
+
+def _settings_changed(saved: dict, config: TrainConfig) -> list[str]:
+    current = asdict(config)
+    return [
+        f"{key} {saved[key]!r} -> {current[key]!r}"
+        for key in sorted(current)
+        if key in saved and saved[key] != current[key]
+    ]
+
+
+def train(
+    model,
+    corpus: Corpus,
+    config: TrainConfig,
+    hook,
+    run_dir: Path,
+    progress=null_progress,
+    resume: bool = False,
+):
     """Optimise the NELBO; evaluate, log and checkpoint along the way. Returns the last metrics.
 
     Args:
         hook: the plugin manager's hook relay (`pm.hook`); metrics and artifacts go through it.
         progress: a factory `(total, desc) -> bar` with `update`, `set_postfix` and `close`.
+        resume: continue from the newest complete checkpoint in `run_dir`, if there is one.
+
+    In a multi-process run (torch.distributed initialised) every rank draws the same global
+    batch and noise and trains on its own rows of it; gradients are averaged, so the run
+    follows the single-process one. Rank 0 alone logs, evaluates and writes checkpoints.
     """
+    run_dir = Path(run_dir)
+    ctx = distributed_context()
+    check_world_size(config, ctx)
+    if ctx.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
     sampler = WindowSampler(
         corpus.train_ids, config.seq_len, config.batch_size, stream_seed(config.seed, "data")
     )
-    stage_ends, stage = stage_plan(config), 0
+    # The encoder's noise comes from a stream of its own, drawn for the whole global batch, so
+    # that neither the process count nor a resume changes it.
+    noise_generator = torch.Generator().manual_seed(stream_seed(config.seed, "noise"))
+    log = MetricsLog(hook, run_dir / METRICS_FILE if ctx.is_main else None)
+    checkpoint_dir = run_dir / "checkpoint"
+    stage_ends = stage_plan(config)
+    rows = _local_rows(config, ctx)
+
+    saved_state = _restore(checkpoint_dir, model, config, ctx) if resume else None
+    if saved_state is None:
+        done, stage, skipped, in_a_row, window = 0, 0, 0, 0, _new_window()
+    else:
+        done, stage = saved_state["step"], saved_state["stage"]
+        skipped, in_a_row = saved_state["skipped"], saved_state["skipped_in_a_row"]
+        window = saved_state["window"]
+        sampler.generator.set_state(saved_state["rng"]["data"])
+        noise_generator.set_state(saved_state["rng"]["noise"])
+        torch.set_rng_state(saved_state["rng"]["torch"])
+    log.keep_until(done, final=done == config.steps)
+
     optimizer, scheduler = enter_stage(model, config, stage)
+    if saved_state is not None:
+        optimizer.load_state_dict(saved_state["optimizer"])
+        scheduler.load_state_dict(saved_state["scheduler"])
+    loss_module = _loss_module(model, ctx)
+
+    def save(at_step: int) -> None:
+        if not ctx.is_main:
+            return
+        state = {
+            "step": at_step,
+            "stage": stage,
+            "skipped": skipped,
+            "skipped_in_a_row": in_a_row,
+            "window": window,
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "rng": {
+                "data": sampler.generator.get_state(),
+                "noise": noise_generator.get_state(),
+                "torch": torch.get_rng_state(),
+            },
+            "train_config": asdict(config),
+        }
+        checkpoint.save(checkpoint_dir, model, at_step, state)
+
     bar = progress(config.steps, "train")
+    bar.update(done)
     model.train()
-    window = {"loss": 0.0, "count": 0, "parts": {}}
     started = time.perf_counter()
     metrics: dict[str, float] = {}
-    step = 0
     try:
-        for step in range(1, config.steps + 1):
-            if step > stage_ends[stage]:
-                stage += 1
-                optimizer, scheduler = enter_stage(model, config, stage)
-            x = sampler.next_batch()
-            loss, parts = loss_terms(model, x)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
-            optimizer.step()
-            scheduler.step()
+        with StopRequest() as stop:
+            for step in range(done + 1, config.steps + 1):
+                if step > stage_ends[stage]:
+                    stage += 1
+                    optimizer, scheduler = enter_stage(model, config, stage)
+                    loss_module = _loss_module(model, ctx)
+                x = sampler.next_batch()  # (B, T), the global batch
+                noise = model.noise_like(x, noise_generator)  # (B, T, D), or None
+                local_noise = None if noise is None else noise[rows]
+                loss, parts = loss_module(x[rows], local_noise)
+                # The whole model, not the optimiser's share: a progressive stage's frozen
+                # parameters would otherwise keep their last gradients and swell the norm.
+                model.zero_grad(set_to_none=True)
+                loss.backward()
+                grad_norm = float(
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+                )
 
-            window["loss"] += loss.item()
-            window["count"] += 1
-            for key, value in parts.items():
-                window["parts"][key] = window["parts"].get(key, 0.0) + value
-            bar.update(1)
+                # One reduction carries the loss, its parts and any stop request.
+                reduced = _reduce_mean([loss.item(), *parts.values(), float(stop.requested)], ctx)
+                loss_value = reduced[0]
+                parts = dict(zip(parts, reduced[1:-1], strict=True))
+                stop_now = reduced[-1] > 0
 
-            if step % config.log_every == 0 or step == config.steps:
-                n = window["count"]
-                nelbo = window["loss"] / n
-                elapsed = time.perf_counter() - started
-                metrics = {
-                    "train/nelbo": nelbo,
-                    "train/lr": scheduler.get_last_lr()[0],
-                    "train/grad_norm": float(grad_norm),
-                    "train/tokens_per_second": step * x.numel() / elapsed,
-                }
-                for key, value in window["parts"].items():
-                    name = key if key.startswith("flow/") else f"train/{key}"
-                    metrics[name] = value / n
-                if corpus.level == "char":
-                    metrics["train/bpc"] = nelbo / math.log(2)
-                if config.progressive_shares is not None:
-                    metrics["train/stage"] = stage
-                hook.tarflow_log_metrics(metrics=metrics, step=step)
-                bar.set_postfix({"nelbo": f"{nelbo:.3f}"})
-                window = {"loss": 0.0, "count": 0, "parts": {}}
+                # Gradients are averaged over ranks before the norm, so every rank agrees.
+                if math.isfinite(loss_value) and math.isfinite(grad_norm):
+                    optimizer.step()
+                    in_a_row = 0
+                    window["loss"] += loss_value
+                    window["count"] += 1
+                    for key, value in parts.items():
+                        window["parts"][key] = window["parts"].get(key, 0.0) + value
+                else:
+                    model.zero_grad(set_to_none=True)
+                    skipped += 1
+                    in_a_row += 1
+                    logger.warning(
+                        "step %d skipped: loss %s, gradient norm %s (%d in a row)",
+                        step,
+                        loss_value,
+                        grad_norm,
+                        in_a_row,
+                    )
+                # The schedule follows the step count, skipped steps included.
+                _step_scheduler(scheduler)
+                bar.update(1)
 
-            if step % config.eval_every == 0 and step != config.steps:
-                val = validation_metrics(model, corpus, config)
-                hook.tarflow_log_metrics(metrics=val, step=step)
-                logger.info("step %d: %s", step, _format(val))
-            if step % config.checkpoint_every == 0 and step != config.steps:
-                checkpoint.save(run_dir / "checkpoint", model, optimizer, scheduler, step)
-    except KeyboardInterrupt:
-        # Keep the work done so far; the step is the last completed one.
-        checkpoint.save(run_dir / "checkpoint", model, optimizer, scheduler, max(0, step - 1))
-        logger.warning("interrupted at step %d; checkpoint saved in %s", step, run_dir)
-        raise
+                if in_a_row >= config.max_consecutive_skips:
+                    error = NonFiniteStepsError(
+                        f"training stopped at step {step}: {in_a_row} steps in a row had a "
+                        f"non-finite loss or gradient; the checkpoint in {checkpoint_dir} "
+                        f"holds the weights of step {step - in_a_row}, the last good one",
+                        hint="lower TrainConfig.lr or TrainConfig.grad_clip, then continue "
+                        f"with --resume {run_dir} and a --bind that changes it",
+                    )
+                    log({"train/skipped_steps": skipped}, step)
+                    # A resumed run starts with a fresh allowance of skipped steps.
+                    in_a_row = 0
+                    save(step)
+                    raise error
+
+                if step % config.log_every == 0 or step == config.steps:
+                    metrics = _window_metrics(window, corpus, config, stage)
+                    metrics["train/lr"] = scheduler.get_last_lr()[0]
+                    metrics["train/grad_norm"] = grad_norm
+                    metrics["train/skipped_steps"] = skipped
+                    elapsed = max(time.perf_counter() - started, 1e-9)
+                    metrics["train/tokens_per_second"] = (step - done) * x.numel() / elapsed
+                    log(metrics, step)
+                    bar.set_postfix(_postfix(metrics))
+                    window = _new_window()
+
+                if step % config.eval_every == 0 and step != config.steps and ctx.is_main:
+                    val = validation_metrics(model, corpus, config)
+                    log(val, step)
+                    logger.info("step %d: %s", step, _format(val))
+                if step % config.checkpoint_every == 0 or step == config.steps or stop_now:
+                    save(step)
+                if stop_now:
+                    logger.warning("stopped at step %d; checkpoint saved in %s", step, run_dir)
+                    raise KeyboardInterrupt
     finally:
         bar.close()
         model.requires_grad_(True)
+    return metrics
 
-    checkpoint.save(run_dir / "checkpoint", model, optimizer, scheduler, config.steps)
+
+def _restore(checkpoint_dir: Path, model, config: TrainConfig, ctx: Distributed):
+    """Load the newest complete checkpoint's weights into `model`; return its trainer state,
+    or None when the run has no checkpoint yet."""
+    if ctx.is_main:
+        checkpoint.recover(checkpoint_dir)
+    if ctx.world_size > 1:
+        torch.distributed.barrier()  # the others read what rank 0 recovered
+    if not checkpoint_dir.exists():
+        logger.warning("no checkpoint in %s yet: training starts from step 0", checkpoint_dir)
+        return None
+    checkpoint.read_manifest(checkpoint_dir)  # refuses what cannot resume, saying why
+    manifest = checkpoint.load_weights(checkpoint_dir, model)
+    saved_state = checkpoint.load_trainer_state(checkpoint_dir)
+    changed = _settings_changed(saved_state.get("train_config", {}), config)
+    if changed:
+        logger.warning(
+            "resuming with changed settings (%s): the run will differ from an uninterrupted one",
+            "; ".join(changed),
+        )
+    logger.info("resuming from step %d (checkpoint %s)", manifest["step"], checkpoint_dir)
+    return saved_state
+
+
+def _postfix(metrics: dict) -> dict:
+    """What the progress bar shows: the loss, and skipped steps once there are any."""
+    postfix = {}
+    if "train/nelbo" in metrics:
+        postfix["nelbo"] = f"{metrics['train/nelbo']:.3f}"
+    if metrics["train/skipped_steps"]:
+        postfix["skipped"] = int(metrics["train/skipped_steps"])
+    return postfix
+
+
+def _window_metrics(window: dict, corpus: Corpus, config: TrainConfig, stage: int) -> dict:
+    """Means over the steps since the last log line; none when every one was skipped."""
+    metrics = {}
+    n = window["count"]
+    if n:
+        nelbo = window["loss"] / n
+        metrics["train/nelbo"] = nelbo
+        for key, value in window["parts"].items():
+            name = key if key.startswith("flow/") else f"train/{key}"
+            metrics[name] = value / n
+        if corpus.level == "char":
+            metrics["train/bpc"] = nelbo / math.log(2)
+    if config.progressive_shares is not None:
+        metrics["train/stage"] = stage
     return metrics
 
 
 def _format(metrics: dict[str, float]) -> str:
     return ", ".join(f"{key} {value:.4f}" for key, value in metrics.items())
+
+
+def _model_bindings(params: dict[str, str]) -> dict[str, str]:
+    """The bindings that shape the model and its data, with macros written out."""
+    macros = {key: value for key, value in params.items() if "." not in key}
+    resolved = {}
+    for key, value in params.items():
+        if "." not in key or key.split("/")[-1].startswith(("TrainConfig.", "RunConfig.")):
+            continue
+        resolved[key] = macros.get(value[1:], value) if value.startswith("%") else value
+    return resolved
+
+
+def _check_resumable(run_dir: Path, corpus: Corpus, params: dict[str, str]) -> dict:
+    """Refuse to resume a folder that is no run, or one whose model or data differ."""
+    record_path = run_dir / RUN_FILE
+    if not run_dir.is_dir():
+        raise CheckpointError(
+            f"no run folder {str(run_dir)!r} to resume",
+            hint="give the folder a run was written to, e.g. runs/<name>-<date>",
+        )
+    if not record_path.exists():
+        raise CheckpointError(
+            f"{str(run_dir)!r} is not a tarflow run folder (it has no {RUN_FILE})",
+            hint="give the folder a run was written to, e.g. runs/<name>-<date>",
+        )
+    record = json.loads(record_path.read_text())
+    before, now = _model_bindings(record.get("params", {})), _model_bindings(params)
+    changed = sorted(k for k in set(before) | set(now) if before.get(k) != now.get(k))
+    if changed:
+        key = changed[0]
+        raise CheckpointError(
+            f"cannot resume {str(run_dir)!r} with a different model or data: {key} is "
+            f"{before.get(key, 'unset')} there and {now.get(key, 'unset')} here"
+            + (f" ({len(changed) - 1} more differ)" if len(changed) > 1 else ""),
+            hint="resume without --gin: the run's own operative_config.gin is used",
+        )
+    tokenizer_path = run_dir / "tokenizer.json"
+    if tokenizer_path.exists() and tokenizer_path.read_text() != corpus.tokenizer.to_str():
+        raise CheckpointError(
+            f"the corpus {corpus.name!r} now gives another vocabulary than the run's "
+            "tokenizer.json: the text changed since the run started",
+            hint="restore the corpus file the run was trained on, or start a new run",
+        )
+    return record
+
+
+def _prepare_run_dir(run: RunConfig, corpus, config_text, params, resume_dir) -> Path:
+    """The run folder, new or resumed, with its config, tokenizer and record written."""
+    if resume_dir is not None:
+        run_dir = Path(resume_dir)
+        record = _check_resumable(run_dir, corpus, params)
+        checkpoint.write_text_atomic(run_dir / "operative_config.gin", config_text)
+        record["params"] = params
+        checkpoint.write_text_atomic(run_dir / RUN_FILE, json.dumps(record, indent=2))
+        return run_dir
+    try:
+        run_dir = new_run_dir(run)
+    except OSError as error:
+        raise TarflowError(
+            f"cannot create a run folder under {run.output_dir!r}: {error.strerror}",
+            hint="set RunConfig.output_dir to a writable folder",
+        ) from None
+    checkpoint.write_text_atomic(run_dir / "operative_config.gin", config_text)
+    save_tokenizer(corpus, run_dir / "tokenizer.json")
+    record = {"name": run.name, "params": params}
+    checkpoint.write_text_atomic(run_dir / RUN_FILE, json.dumps(record, indent=2))
+    return run_dir
+
+
+def _shared_run_dir(run, corpus, config_text, params, resume_dir, ctx: Distributed) -> Path:
+    """Rank 0 prepares the run folder; the others learn its path, or its error."""
+    outcome: list = [None]
+    if ctx.is_main:
+        try:
+            outcome[0] = _prepare_run_dir(run, corpus, config_text, params, resume_dir)
+        except TarflowError as error:
+            outcome[0] = error
+    if ctx.world_size > 1:
+        torch.distributed.broadcast_object_list(outcome, src=0)
+    if isinstance(outcome[0], TarflowError):
+        raise outcome[0]
+    return Path(outcome[0])
+
+
+def _share_start_failure(failure: BaseException | None, ctx: Distributed) -> None:
+    """Raise rank 0's failure to start a run on every rank, so none waits for the others."""
+    if ctx.world_size > 1:
+        message = [None]
+        if failure is not None:
+            one_line = failure.one_line() if isinstance(failure, TarflowError) else None
+            message[0] = one_line or f"{type(failure).__name__}: {failure}"
+        torch.distributed.broadcast_object_list(message, src=0)
+        if failure is None and message[0] is not None:
+            raise TarflowError(f"rank 0 could not start the run: {message[0]}")
+    if failure is not None:
+        raise failure
 
 
 def run_experiment(
@@ -391,21 +817,23 @@ def run_experiment(
     config_text: str,
     params: dict[str, str],
     progress=null_progress,
+    resume_dir: str | Path | None = None,
 ) -> dict:
-    """The main job: train, score the validation split, sample, and record it all."""
+    """The main job: train, score the validation split, sample, and record it all.
+
+    With `resume_dir`, training continues in that run folder from its newest checkpoint, and
+    a tracker that recorded the run (MLflow) continues the same tracked run.
+    """
+    ctx = distributed_context()
+    if not ctx.is_main:
+        hook, progress = SilentHook(), null_progress
 
     # Everything that can be checked without training is checked before anything is written.
     validation_windows(corpus.val_ids, config.seq_len)
     WindowSampler(corpus.train_ids, config.seq_len, config.batch_size, config.seed)
-    try:
-        run_dir = new_run_dir(run)
-    except OSError as error:
-        raise TarflowError(
-            f"cannot create a run folder under {run.output_dir!r}: {error.strerror}",
-            hint="set RunConfig.output_dir to a writable folder",
-        ) from None
-    (run_dir / "operative_config.gin").write_text(config_text)
-    save_tokenizer(corpus, run_dir / "tokenizer.json")
+    check_world_size(config, ctx)
+    resumed = resume_dir is not None
+    run_dir = _shared_run_dir(run, corpus, config_text, params, resume_dir, ctx)
     info = RunInfo(
         run.name,
         run_dir,
@@ -415,40 +843,52 @@ def run_experiment(
         run.tracking_uri,
         run.experiment,
         tags={"corpus": corpus.name, "tokenizer": corpus.level},
+        resumed=resumed,
     )
     num_params = sum(p.numel() for p in model.parameters())
     logger.info("run folder %s; %.2fM parameters", run_dir, num_params / 1e6)
 
+    failure = None
     try:
         hook.tarflow_run_started(run=info)
-    except BaseException:
-        # Nothing has been trained: leave no half-written run behind.
-        shutil.rmtree(run_dir, ignore_errors=True)
-        raise
+    except BaseException as error:
+        # Nothing has been trained: leave no half-written run behind (a resumed run keeps
+        # its folder as it was).
+        if not resumed and ctx.is_main:
+            shutil.rmtree(run_dir, ignore_errors=True)
+        failure = error
+    _share_start_failure(failure, ctx)
     status = "FAILED"
     try:
         hook.tarflow_log_artifact(path=run_dir / "operative_config.gin")
         hook.tarflow_log_artifact(path=run_dir / "tokenizer.json")
         started = time.perf_counter()
-        train_metrics = train(model, corpus, config, hook, run_dir, progress)
+        train_metrics = train(model, corpus, config, hook, run_dir, progress, resume=resumed)
         train_seconds = time.perf_counter() - started
 
-        val = validation_metrics(model, corpus, config, config.iw_samples)
-        hook.tarflow_log_metrics(metrics=val, step=config.steps)
-        logger.info("validation: %s", _format(val))
+        # Rank 0 scores and samples; the others wait for it, then return the same summary
+        # keys without figures.
+        val, samples = {}, []
+        if ctx.is_main:
+            val = validation_metrics(model, corpus, config, config.iw_samples)
+            MetricsLog(hook, run_dir / METRICS_FILE)(val, config.steps)
+            logger.info("validation: %s", _format(val))
 
-        samples = sample_texts(
-            model,
-            corpus,
-            run.num_samples,
-            config.seq_len,
-            run.sample_temperature,
-            stream_seed(config.seed, "sample"),
-        )
-        samples_path = run_dir / "samples.txt"
-        samples_path.write_text("\n\n".join(f"--- sample {i}\n{s}" for i, s in enumerate(samples)))
-        hook.tarflow_log_artifact(path=samples_path)
-        hook.tarflow_log_artifact(path=run_dir / "checkpoint")
+            samples = sample_texts(
+                model,
+                corpus,
+                run.num_samples,
+                config.seq_len,
+                run.sample_temperature,
+                stream_seed(config.seed, "sample"),
+            )
+            samples_path = run_dir / "samples.txt"
+            text = "\n\n".join(f"--- sample {i}\n{s}" for i, s in enumerate(samples))
+            checkpoint.write_text_atomic(samples_path, text)
+            hook.tarflow_log_artifact(path=samples_path)
+            hook.tarflow_log_artifact(path=run_dir / "checkpoint")
+        if ctx.world_size > 1:
+            torch.distributed.barrier()
 
         summary = {
             "run_dir": str(run_dir),

@@ -33,10 +33,24 @@ def test_truncated_checkpoint_is_refused(components, tmp_path):
     weights = tmp_path / checkpoint.WEIGHTS
     weights.write_bytes(weights.read_bytes()[:100])
 
-    with pytest.raises(TarflowError, match="does not fit this model"):
+    with pytest.raises(TarflowError, match="truncated or damaged: 100 bytes"):
         checkpoint.load_weights(tmp_path, tiny_model(components, seed=0))
 
 
 def test_missing_checkpoint_is_refused(components, tmp_path):
     with pytest.raises(TarflowError, match="no checkpoint"):
         checkpoint.load_weights(tmp_path, tiny_model(components, seed=0))
+
+
+def test_weights_of_a_checkpoint_from_before_manifests_still_load(components, tmp_path):
+    from safetensors.torch import save_model
+
+    model = tiny_model(components, seed=0)
+    save_model(model, str(tmp_path / checkpoint.WEIGHTS))
+    (tmp_path / checkpoint.META).write_text('{"step": 7}')
+
+    fresh = tiny_model(components, seed=1)
+    assert checkpoint.load_weights(tmp_path, fresh)["step"] == 7
+    torch.testing.assert_close(fresh.state_dict(), model.state_dict())
+    with pytest.raises(TarflowError, match="older tarflow: it holds weights but not the state"):
+        checkpoint.read_manifest(tmp_path)
