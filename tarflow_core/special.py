@@ -194,12 +194,10 @@ def solve_normal_to_mixture(
             stale = (moved.cumsum(-1) > 0).roll(1, -1)
             stale[..., 0] = False
             if bool(stale.any()):
+                # Not widened, unlike the first bracket: that costs two more evaluations of
+                # the mixture per step, and the root leaves the quantile bracket only by
+                # rounding, which then ends the search within rounding of it anyway.
                 fresh_lo, fresh_hi = _bracket(u, params[1], params[2], family, *targets[1:])
-                fresh_lo, fresh_hi = _widen_bracket(
-                    lambda x, now=params: _residual(x, targets, *now, family)[0],
-                    fresh_lo,
-                    fresh_hi,
-                )
                 lo, hi = torch.where(stale, fresh_lo, lo), torch.where(stale, fresh_hi, hi)
                 older_step = torch.where(stale, fresh_hi - fresh_lo, older_step)
                 last_step = torch.where(stale, fresh_hi - fresh_lo, last_step)
