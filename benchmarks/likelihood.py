@@ -11,13 +11,11 @@ which is what carries over between machines. Writes benchmarks/results/likelihoo
 """
 
 import argparse
-import json
 import logging
-import platform
 import time
 from pathlib import Path
 
-import torch
+from common import machine, write_results
 
 from tarflow_core import config, registry, train
 from tarflow_core.errors import TarflowError
@@ -126,15 +124,9 @@ def main() -> int:
         "steps": args.steps,
         "tokens_per_step": train_config.batch_size * train_config.seq_len,
         "iw_samples": args.iw_samples,
-        "machine": f"{torch.get_num_threads()} CPU threads ({platform.machine()})",
-        "torch": torch.__version__,
+        **machine(),
     }
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps({**header, "rows": rows}, indent=2))
-    table = markdown(rows, header)
-    out.with_suffix(".md").write_text(table)
-    print(table)
+    write_results(args.out, header, rows, markdown(rows, header))
     return 0
 
 

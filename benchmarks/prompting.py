@@ -16,14 +16,13 @@ Writes benchmarks/results/prompting.{json,md}.
 """
 
 import argparse
-import json
 import logging
 import math
-import platform
 import warnings
 from pathlib import Path
 
 import torch
+from common import machine, write_results
 
 from tarflow_core import config, registry, train
 from tarflow_core.errors import TarflowWarning
@@ -143,15 +142,9 @@ def main() -> int:
         "corpus": Path(args.corpus).name,
         "count": args.prompts,
         "iw_samples": args.iw_samples,
-        "machine": f"{torch.get_num_threads()} CPU threads ({platform.machine()})",
-        "torch": torch.__version__,
+        **machine(),
     }
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps({**header, "rows": rows}, indent=2))
-    table = markdown(rows, header)
-    out.with_suffix(".md").write_text(table)
-    print(table)
+    write_results(args.out, header, rows, markdown(rows, header))
     return 0
 
 

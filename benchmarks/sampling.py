@@ -15,14 +15,11 @@ run folder as an extra row. Writes benchmarks/results/sampling.{json,md}.
 """
 
 import argparse
-import json
 import logging
-import platform
-import statistics
-import time
 from pathlib import Path
 
 import torch
+from common import machine, median_seconds, write_results
 
 from tarflow_core import config, registry
 
@@ -68,22 +65,17 @@ def time_sampling(model, samples: int, length: int, repeats: int, cached: bool =
         generator = torch.Generator().manual_seed(0)
         if cached or not hasattr(model, "flows"):
             return model.sample(samples, length, generator=generator)
-        u = torch.randn(samples, length // model.patch_size, model.encoder.dim * model.patch_size,
-                        generator=generator)  # fmt: skip
+        D = model.encoder.dim * model.patch_size
+        u = torch.randn(samples, length // model.patch_size, D, generator=generator)
         return model.decoder.decode(model.from_base(u, cached=False))
 
-    once()  # warm-up: allocation and first-call costs
-    times = []
-    for _ in range(repeats):
-        started = time.perf_counter()
-        once()
-        times.append(time.perf_counter() - started)
-    return statistics.median(times)
+    return median_seconds(once, repeats)
 
 
 def uncached_ar_seconds(model, samples: int, length: int, repeats: int) -> float:
     """The AR baseline without its cache: the whole prefix through the model every step."""
 
+    @torch.no_grad()
     def once():
         generator = torch.Generator().manual_seed(0)
         x = torch.zeros(samples, 0, dtype=torch.long)
@@ -92,14 +84,7 @@ def uncached_ar_seconds(model, samples: int, length: int, repeats: int) -> float
             probs = torch.softmax(model.logits(padded)[:, -1], -1)
             x = torch.cat([x, torch.multinomial(probs, 1, generator=generator)], dim=1)
 
-    with torch.no_grad():
-        once()
-        times = []
-        for _ in range(repeats):
-            started = time.perf_counter()
-            once()
-            times.append(time.perf_counter() - started)
-    return statistics.median(times)
+    return median_seconds(once, repeats)
 
 
 def markdown(rows: list[dict], header: dict) -> str:
@@ -181,16 +166,9 @@ def main() -> int:
         "vocab": args.vocab,
         "repeats": args.repeats,
         "weight_noise": args.weight_noise,
-        "machine": f"{torch.get_num_threads()} CPU threads ({platform.machine()})",
-        "torch": torch.__version__,
+        **machine(),
     }
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps({**header, "rows": rows}, indent=2))
-    table = markdown(rows, header)
-    out.with_suffix(".md").write_text(table)
-    print()
-    print(table)
+    write_results(args.out, header, rows, markdown(rows, header))
     return 0
 
 
