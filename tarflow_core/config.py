@@ -96,7 +96,18 @@ def build_experiment(registry) -> Experiment:
     train_config = configured("TrainConfig")()
     run_config = configured("RunConfig")()
     torch.manual_seed(train.stream_seed(train_config.seed, "init"))
-    model = build_configured_model(run_config, corpus.vocab_size, train_config.seq_len, registry)
+    try:
+        model = build_configured_model(
+            run_config, corpus.vocab_size, train_config.seq_len, registry
+        )
+    except (ValueError, TypeError, ZeroDivisionError) as error:
+        # Components refuse bad settings with plain exceptions; gin appends its call chain on
+        # later lines, which say nothing to the user.
+        first = str(error).strip().splitlines()[0] if str(error).strip() else ""
+        raise ConfigError(
+            f"invalid configuration: {type(error).__name__}: {first}",
+            hint="check the values bound in the gin files and --bind",
+        ) from None
     return Experiment(corpus, train_config, run_config, model)
 
 

@@ -204,16 +204,7 @@ def _main(args) -> int:
         config.setup(components)
         config.parse(gin_files, args.bind)
 
-        try:
-            experiment = config.build_experiment(components)
-        except (ValueError, TypeError, ZeroDivisionError) as error:
-            # Components refuse bad settings with plain exceptions; gin appends its call
-            # chain on later lines.
-            first = str(error).strip().splitlines()[0] if str(error).strip() else ""
-            raise TarflowError(
-                f"invalid configuration: {type(error).__name__}: {first}",
-                hint="check the values bound in the gin files and --bind",
-            ) from None
+        experiment = config.build_experiment(components)
         operative = config.operative_config()
 
         with logging_redirect_tqdm():
