@@ -9,11 +9,10 @@ multi-process run only rank 0 tracks.
 import json
 import logging
 import os
-import socket
-import urllib.parse
 
 from tarflow_core.errors import TarflowError
 from tarflow_core.hookspecs import hookimpl
+from tarflow_core.tracking import check_reachable
 
 logger = logging.getLogger(__name__)
 
@@ -62,26 +61,14 @@ def _mlflow():
     return mlflow
 
 
-def _check_reachable(uri: str, timeout: float = 5.0) -> None:
-    """Fail in seconds, not after MLflow's minutes of retries, when a server is not there."""
-    parsed = urllib.parse.urlparse(uri)
-    if parsed.scheme not in ("http", "https"):
-        return
-    port = parsed.port or (443 if parsed.scheme == "https" else 80)
-    try:
-        socket.create_connection((parsed.hostname, port), timeout=timeout).close()
-    except OSError as error:
-        raise TarflowError(
-            f"MLflow tracking server {uri!r} cannot be reached: {error}",
-            hint="start the server, fix RunConfig.tracking_uri, or set RunConfig.track = False",
-        ) from None
-
-
 @hookimpl
 def tarflow_run_started(run):
     if not run.track or not _is_main_process():
         return
-    _check_reachable(run.tracking_uri)
+    check_reachable(
+        run.tracking_uri,
+        hint="start the server, fix RunConfig.tracking_uri, or set RunConfig.track = False",
+    )
     mlflow = _mlflow()
     mlflow.set_tracking_uri(run.tracking_uri)
     try:
