@@ -235,8 +235,12 @@ def load_finished_run(run_dir: Path, registry) -> FinishedRun:
     sampled on a machine that never saw the training text.
     """
     run_dir = Path(run_dir)
-    needed = ["operative_config.gin", "tokenizer.json", f"checkpoint/{checkpoint.WEIGHTS}"]
-    missing = [name for name in needed if not (run_dir / name).is_file()]
+    missing = [name for name in ("operative_config.gin", "tokenizer.json")
+               if not (run_dir / name).is_file()]  # fmt: skip
+    # A kill between the two renames of a save leaves the checkpoint under another name.
+    weights = run_dir / "checkpoint" / checkpoint.WEIGHTS
+    if not weights.is_file() and checkpoint.find(run_dir / "checkpoint") is None:
+        missing.append(f"checkpoint/{checkpoint.WEIGHTS}")
     if missing:
         raise ConfigError(
             f"{str(run_dir)!r} is not a finished run folder: no {', '.join(missing)}",

@@ -25,13 +25,41 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 from tarflow_core import config, registry
 from tarflow_core.data import unknown_characters
-from tarflow_core.errors import ConfigError, DataError, TarflowError
+from tarflow_core.errors import ConfigError, DataError, TarflowError, TarflowWarning
 from tarflow_core.run import positive_int, progress_bar
+from tarflow_core.tracking import check_existing_store
 from tarflow_core.train import null_progress
 
 logger = logging.getLogger("tarflow_core.sample")
 
 MLFLOW_RUN_ID = re.compile(r"^[0-9a-f]{32}$")
+
+# One batch holds every sample with all its passes; past this a machine runs out of memory
+# long before the samples are of any use to read.
+MAX_SAMPLES = 1024
+
+# What a run folder holds that a report must never replace.
+RUN_FILES = (
+    "operative_config.gin",
+    "tokenizer.json",
+    "tokenizer.meta.json",
+    "run.json",
+    "metrics.jsonl",
+    "mlflow_run.json",
+    "samples.txt",
+)
+
+
+def seed_value(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, not {text!r}") from None
+    if not 0 <= value < 2**63:
+        raise argparse.ArgumentTypeError(
+            f"a seed is a whole number from 0 to 2**63 - 1, not {value}"
+        )
+    return value
 
 
 def parse_args(argv):
@@ -41,14 +69,19 @@ def parse_args(argv):
         "flow's pass.",
     )
     parser.add_argument("run", help="a run folder, its checkpoint folder, or an MLflow run id")
-    parser.add_argument("--num-samples", type=positive_int, default=4, help="samples, one batch")
+    parser.add_argument(
+        "--num-samples",
+        type=positive_int,
+        default=4,
+        help=f"samples, one batch (default 4, at most {MAX_SAMPLES})",
+    )
     parser.add_argument(
         "--length", type=positive_int, default=None, help="tokens (default: the run's seq_len)"
     )
     parser.add_argument(
         "--temperature", type=float, default=1.0, help="scale of the base noise (default 1.0)"
     )
-    parser.add_argument("--seed", type=int, default=0, help="seed of the noise (default 0)")
+    parser.add_argument("--seed", type=seed_value, default=0, help="seed of the noise (default 0)")
     parser.add_argument("--prompt", default=None, help="text the samples continue")
     parser.add_argument(
         "--prompt-rounds",
@@ -57,7 +90,10 @@ def parse_args(argv):
         help="refinement rounds when a right-to-left flow makes prompting approximate",
     )
     parser.add_argument(
-        "--format", choices=["md", "html"], default="md", help="the saved report's format"
+        "--format",
+        choices=["md", "html"],
+        default=None,
+        help="the saved report's format (default: from --output's suffix, else md)",
     )
     parser.add_argument(
         "--output", default=None, help="report path (default: generations/ in the run folder)"
@@ -86,18 +122,20 @@ class Generation:
     passes: list[str] = field(default_factory=list)  # names, coarse to fine
     texts: list[list[str]] = field(default_factory=list)  # [pass][sample]
     pieces: list[list[list[str]]] = field(default_factory=list)  # [pass][sample][token]
-    entropy_bits: list[float] = field(default_factory=list)  # per pass, per token
+    entropy_bits: list[list[float]] = field(default_factory=list)  # [pass][sample], per token
+    prompt_used: str | None = None  # the prompt as conditioned on, after trimming to patches
 
     @property
     def final(self) -> list[str]:
         return self.texts[-1]
 
 
-def resolve_run(ref: str, tracking_uri: str) -> tuple[Path, str | None]:
+def resolve_run(ref: str, tracking_uri: str, download_to: Path) -> tuple[Path, str | None]:
     """A run folder for a path or an MLflow run id, and the run id if there is one.
 
     For a run id, the local folder recorded in the run's `run_dir` tag is used when it still
-    exists; otherwise the artifacts (operative config, tokenizer, checkpoint) are downloaded.
+    exists; otherwise the artifacts (operative config, tokenizer, checkpoint) are downloaded
+    into `download_to`.
     """
     path = Path(ref)
     if path.exists():
@@ -110,13 +148,15 @@ def resolve_run(ref: str, tracking_uri: str) -> tuple[Path, str | None]:
             hint="give a folder under runs/ or the 32-character id MLflow shows for the run",
         )
 
+    hint = "pass --tracking-uri with the store the run was logged to"
+    check_existing_store(tracking_uri, hint)
+
     import mlflow
     from mlflow.exceptions import MlflowException
 
-    client = mlflow.MlflowClient(tracking_uri)
     try:
-        run = client.get_run(ref)
-    except MlflowException as error:
+        run = mlflow.MlflowClient(tracking_uri).get_run(ref)
+    except Exception as error:  # MLflow's own errors, and a URI it cannot use at all
         raise TarflowError(
             f"MLflow run {ref} not found in {tracking_uri}: {str(error).splitlines()[0][:200]}",
             hint="pass --tracking-uri with the store the run was logged to",
@@ -124,13 +164,22 @@ def resolve_run(ref: str, tracking_uri: str) -> tuple[Path, str | None]:
     local = Path(run.data.tags.get("run_dir", ""))
     if local.name and (local / "operative_config.gin").exists():
         return local, ref
-    target = Path(tempfile.mkdtemp(prefix=f"tarflow-{ref[:8]}-"))
-    logger.info("downloading the artifacts of MLflow run %s to %s", ref, target)
-    for name in ("operative_config.gin", "tokenizer.json", "checkpoint"):
-        mlflow.artifacts.download_artifacts(
-            run_id=ref, artifact_path=name, dst_path=str(target), tracking_uri=tracking_uri
-        )
-    return target, ref
+    logger.info("downloading the artifacts of MLflow run %s to %s", ref, download_to)
+    try:
+        for name in ("operative_config.gin", "tokenizer.json", "checkpoint"):
+            mlflow.artifacts.download_artifacts(
+                run_id=ref,
+                artifact_path=name,
+                dst_path=str(download_to),
+                tracking_uri=tracking_uri,
+            )
+    except (MlflowException, OSError) as error:
+        raise TarflowError(
+            f"cannot download the artifacts of MLflow run {ref}: "
+            f"{str(error).splitlines()[0][:200]}",
+            hint="the run needs its operative_config.gin, tokenizer.json and checkpoint artifacts",
+        ) from None
+    return download_to, ref
 
 
 def encode_prompt(finished: config.FinishedRun, text: str, length: int) -> torch.Tensor:
@@ -149,12 +198,11 @@ def encode_prompt(finished: config.FinishedRun, text: str, length: int) -> torch
     patch = getattr(finished.model, "patch_size", 1)
     if len(ids) % patch:
         dropped = len(ids) % patch
-        logger.warning(
-            "the prompt is %d tokens, not a multiple of the patch size %d: its first %d "
-            "token(s) are dropped",
-            len(ids),
-            patch,
-            dropped,
+        warnings.warn(
+            f"the prompt is {len(ids)} tokens, not a multiple of the patch size {patch}: its "
+            f"first {dropped} token(s) are dropped",
+            TarflowWarning,
+            stacklevel=2,
         )
         ids = ids[dropped:]
     if not 0 < len(ids) < length:
@@ -179,10 +227,12 @@ def positions_to_solve(model, length: int, prompt_ids, prompt_rounds: int) -> in
     return flows * (length // patch) * prompt_rounds
 
 
-def decoder_entropy_bits(model, z: torch.Tensor) -> float:
-    """Mean entropy of p(x_t | z_t) in bits per token: how undecided the text still is."""
+def decoder_entropy_bits(model, z: torch.Tensor) -> list[float]:
+    """Entropy of p(x_t | z_t) in bits per token, averaged over each sample's tokens: how
+    undecided its text still is."""
     log_p = model.decoder.logits(z)
-    return float(-(log_p.exp() * log_p).sum(-1).mean() / math.log(2))
+    entropy = -(log_p.exp() * log_p).sum(-1).mean(-1) / math.log(2)
+    return entropy.tolist()
 
 
 def generate(
@@ -201,6 +251,7 @@ def generate(
     generation = Generation(prompt)
     prompt_ids = None if prompt is None else encode_prompt(finished, prompt, length)
     if prompt_ids is not None:
+        generation.prompt_used = decode(prompt_ids[0].tolist())
         prompt_ids = prompt_ids.expand(num_samples, -1)
 
     bar = progress(positions_to_solve(model, length, prompt_ids, prompt_rounds), "sample")
@@ -210,7 +261,10 @@ def generate(
         generation.texts.append([decode(row) for row in rows])
         generation.pieces.append([[decode([t]) for t in row] for row in rows])
 
+    final_latents = {}
+
     def on_pass(index, z):
+        final_latents["z"] = z
         tokens = model.decoder.decode(z)
         if prompt_ids is not None:
             tokens[:, : prompt_ids.shape[1]] = prompt_ids
@@ -234,21 +288,35 @@ def generate(
     if not generation.passes:  # a single-pass model: the AR baseline
         generation.passes.append("final")
         record(tokens)
+
+    if "z" in final_latents:
+        broken = (~torch.isfinite(final_latents["z"]).flatten(1).all(-1)).sum().item()
+        if broken:
+            warnings.warn(
+                f"{broken} of {num_samples} samples left the numeric range at temperature "
+                f"{temperature} (their latents are not finite) and decode to nothing useful",
+                TarflowWarning,
+                stacklevel=2,
+            )
     return generation
 
 
 def markdown_report(generation: Generation, title: str, settings: dict) -> str:
     lines = [f"# {title}", ""]
     lines += [f"- {key}: `{value}`" for key, value in settings.items()]
-    lines += ["", "Decoder entropy after each pass (bits per token, mean over the batch):", ""]
-    lines += ["| pass | entropy |", "| --- | ---: |"]
-    for name, bits in zip(generation.passes, generation.entropy_bits, strict=False):
-        lines.append(f"| {name} | {bits:.3f} |")
     for index in range(len(generation.final)):
         lines += ["", f"## Sample {index}", ""]
-        for name, texts in zip(generation.passes, generation.texts, strict=True):
-            lines += [f"**{name}**", "", "~~~~text", texts[index], "~~~~", ""]
+        for pass_index, name in enumerate(generation.passes):
+            lines += [f"**{name}**{_entropy_note(generation, pass_index, index)}", ""]
+            lines += ["~~~~text", generation.texts[pass_index][index], "~~~~", ""]
     return "\n".join(lines)
+
+
+def _entropy_note(generation: Generation, pass_index: int, sample: int) -> str:
+    """' (0.42 bits/token)': the decoder's entropy for one sample after one pass, if known."""
+    if pass_index >= len(generation.entropy_bits):
+        return ""
+    return f" ({generation.entropy_bits[pass_index][sample]:.2f} bits/token)"
 
 
 def html_report(generation: Generation, title: str, settings: dict) -> str:
@@ -271,8 +339,7 @@ def html_report(generation: Generation, title: str, settings: dict) -> str:
         for pass_index, name in enumerate(generation.passes):
             pieces = generation.pieces[pass_index][index]
             label = html.escape(name)
-            if pass_index < len(generation.entropy_bits):
-                label += f"<br><small>{generation.entropy_bits[pass_index]:.2f} bits</small>"
+            label += f"<br><small>{_entropy_note(generation, pass_index, index)}</small>"
             parts.append(
                 f"<tr><td>{label}</td><td><pre>{_marked(pieces, previous)}</pre></td></tr>"
             )
@@ -295,10 +362,7 @@ def print_generation(generation: Generation) -> None:
     for index in range(len(generation.final)):
         print(f"\n=== sample {index} ===")
         for pass_index, name in enumerate(generation.passes):
-            bits = ""
-            if generation.entropy_bits:
-                bits = f" ({generation.entropy_bits[pass_index]:.2f} bits/token)"
-            print(f"--- {name}{bits}")
+            print(f"--- {name}{_entropy_note(generation, pass_index, index)}")
             print(generation.texts[pass_index][index])
 
 
@@ -333,62 +397,100 @@ def sample_run(args) -> tuple[Generation, Path]:
             f"--temperature {args.temperature} is not a positive number",
             hint="1.0 samples the model as trained; below 1 is more conservative",
         )
+    if args.num_samples > MAX_SAMPLES:
+        raise ConfigError(
+            f"--num-samples {args.num_samples} is more than one batch may hold ({MAX_SAMPLES})",
+            hint="run the command again with other --seed values for more",
+        )
     _, components = registry.load()
     config.setup(components)
-    run_dir, run_id = resolve_run(args.run, args.tracking_uri)
-    finished = config.load_finished_run(run_dir, components)
-    seq_len = finished.train_config.seq_len
-    length = args.length or seq_len
-    patch = getattr(finished.model, "patch_size", 1)
-    if length > seq_len or length % patch:
-        raise ConfigError(
-            f"--length {length} does not fit this run (seq_len {seq_len}, patch size {patch})",
-            hint=f"use a multiple of {patch} up to {seq_len}",
-        )
 
-    with logging_redirect_tqdm():
-        generation = generate(
-            finished,
-            args.num_samples,
-            length,
-            args.temperature,
-            args.seed,
-            args.prompt,
-            args.prompt_rounds,
-            progress_bar,
-        )
-    settings = {
-        "run": args.run,
-        "checkpoint step": finished.step,
-        "samples": args.num_samples,
-        "length": length,
-        "temperature": args.temperature,
-        "seed": args.seed,
-        "prompt": args.prompt,
-    }
-    report_path = write_report(generation, finished, args, settings)
+    # Artifacts downloaded from MLflow live only as long as the command.
+    with tempfile.TemporaryDirectory(prefix="tarflow-sample-") as download:
+        run_dir, run_id = resolve_run(args.run, args.tracking_uri, Path(download))
+        finished = config.load_finished_run(run_dir, components)
+        seq_len = finished.train_config.seq_len
+        length = args.length or seq_len
+        patch = getattr(finished.model, "patch_size", 1)
+        if length > seq_len or length % patch:
+            raise ConfigError(
+                f"--length {length} does not fit this run (seq_len {seq_len}, patch size {patch})",
+                hint=f"use a multiple of {patch} up to {seq_len}",
+            )
+        saved_locally = run_dir != Path(download)
+        report_path, report_format = report_destination(args, run_dir, saved_locally)
+
+        with logging_redirect_tqdm():
+            generation = generate(
+                finished,
+                args.num_samples,
+                length,
+                args.temperature,
+                args.seed,
+                args.prompt,
+                args.prompt_rounds,
+                progress_bar,
+            )
+        settings = {
+            "run": args.run,
+            "checkpoint step": finished.step,
+            "samples": args.num_samples,
+            "length": length,
+            "temperature": args.temperature,
+            "seed": args.seed,
+            "prompt": None if args.prompt is None else repr(args.prompt),
+        }
+        if generation.prompt_used not in (None, args.prompt):
+            settings["prompt as used"] = repr(generation.prompt_used)
+        render = html_report if report_format == "html" else markdown_report
+        write_report(report_path, render(generation, f"Samples from {run_dir.name}", settings))
     if run_id is not None:
         log_to_mlflow(run_id, args.tracking_uri, report_path)
     return generation, report_path
 
 
-def write_report(generation, finished, args, settings) -> Path:
-    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+def report_destination(args, run_dir: Path, saved_locally: bool) -> tuple[Path, str]:
+    """Where the report goes and in which format; refuses a path that would replace a part of
+    the run or some other file."""
+    report_format = args.format
     if args.output:
         path = Path(args.output)
+        if report_format is None:
+            report_format = "html" if path.suffix.lower() in (".html", ".htm") else "md"
     else:
-        path = finished.run_dir / "generations" / f"samples-{stamp}.{args.format}"
-    title = f"Samples from {finished.run_dir.name}"
-    render = html_report if args.format == "html" else markdown_report
+        report_format = report_format or "md"
+        stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+        # A run downloaded from MLflow is gone after the command: its report stays here.
+        folder = run_dir / "generations" if saved_locally else Path("generations")
+        return folder / f"samples-{stamp}.{report_format}", report_format
+
+    resolved, run = path.resolve(), run_dir.resolve()
+    inside_checkpoint = any(
+        part.name.startswith(("checkpoint", ".checkpoint")) and part.parent == run
+        for part in (resolved, *resolved.parents)
+    )
+    if inside_checkpoint or (resolved.parent == run and resolved.name in RUN_FILES):
+        raise ConfigError(
+            f"--output {args.output!r} would replace a part of the run",
+            hint="write the report elsewhere, e.g. under the run's generations/ folder",
+        )
+    if path.is_dir() or (path.exists() and path.suffix.lower() not in (".md", ".html", ".htm")):
+        raise ConfigError(
+            f"--output {args.output!r} is an existing {'folder' if path.is_dir() else 'file'}",
+            hint="give a new file name ending in .md or .html (an old report may be replaced)",
+        )
+    return path, report_format
+
+
+def write_report(path: Path, text: str) -> None:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(render(generation, title, settings))
+        path.write_text(text)
     except OSError as error:
         raise TarflowError(
             f"cannot write the report to {str(path)!r}: {error.strerror}",
             hint="pass --output with a writable path",
         ) from None
-    return path
 
 
 def log_to_mlflow(run_id: str, tracking_uri: str, path: Path) -> None:

@@ -3,6 +3,9 @@
 The per-component checks of cached decoding are in the conformance kit (tests/test_contract.py).
 """
 
+import tempfile
+from pathlib import Path
+
 import pytest
 import torch
 from helpers import TOLERANCE, randomise
@@ -229,7 +232,7 @@ def test_sample_command_shows_every_pass_and_saves_a_report(finished_run, capsys
         "--- after flow 0",
     ] * 2
     text = report.read_text()
-    assert text.count("## Sample") == 2 and "| after flow 0 |" in text
+    assert text.count("## Sample") == 2 and text.count("**after flow 0** (") == 2
 
     # The same seed gives the same text; another seed another.
     again = sample_cli(capsys, str(run_dir), "--num-samples", "2", "--seed", "3", "--output",
@@ -241,7 +244,7 @@ def test_sample_command_shows_every_pass_and_saves_a_report(finished_run, capsys
 
 
 @pytest.mark.filterwarnings("always::tarflow_core.errors.TarflowWarning")
-def test_sample_command_takes_an_mlflow_run_id(finished_run, capsys, tmp_path):
+def test_sample_command_takes_an_mlflow_run_id(finished_run, capsys, tmp_path, monkeypatch):
     import mlflow
 
     run_dir, run_id, tracking = finished_run
@@ -256,15 +259,19 @@ def test_sample_command_takes_an_mlflow_run_id(finished_run, capsys, tmp_path):
     logged = mlflow.MlflowClient(tracking).list_artifacts(run_id, "generations")
     assert any(item.path.endswith(".html") for item in logged)
 
-    # With the local folder gone, the artifacts are downloaded from MLflow.
+    # With the local folder gone, the artifacts are downloaded from MLflow for the command
+    # alone, and the report stays in the working directory.
     moved = tmp_path / "moved"
     run_dir.rename(moved)
+    monkeypatch.chdir(tmp_path)
     try:
         code, out, err = sample_cli(capsys, run_id, "--tracking-uri", tracking, "--seed", "5")
     finally:
         moved.rename(run_dir)
     assert code == 0, err
     assert "after flow 0" in out
+    assert len(list((tmp_path / "generations").glob("samples-*.md"))) == 1
+    assert not list(Path(tempfile.gettempdir()).glob("tarflow-sample-*"))
 
 
 @pytest.mark.parametrize(
@@ -275,13 +282,39 @@ def test_sample_command_takes_an_mlflow_run_id(finished_run, capsys, tmp_path):
         (["--temperature", "0"], "not a positive number"),
         (["--temperature", "nan"], "not a positive number"),
         (["--prompt", "x" * 40], "leaves nothing to generate"),
+        (["--num-samples", "100000"], "more than one batch"),
+        (["--output", "{run}/operative_config.gin"], "would replace a part of the run"),
+        (["--output", "{run}/checkpoint/model.safetensors"], "would replace a part of the run"),
+        (["--output", "{run}/tokenizer.json"], "would replace a part of the run"),
+        (["--output", "{run}"], "is an existing folder"),
     ],
 )
 def test_sample_command_refuses_bad_input(finished_run, capsys, args, message):
     run_dir, _, _ = finished_run
-    code, _, err = sample_cli(capsys, str(run_dir), *args)
+    before = {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}
+
+    code, _, err = sample_cli(capsys, str(run_dir), *(a.format(run=run_dir) for a in args))
+
     assert code == 2
     assert err.startswith("error: ") and message in err and "hint:" in err
+    assert {p: p.read_bytes() for p in before} == before
+
+
+@pytest.mark.filterwarnings("always::tarflow_core.errors.TarflowWarning")
+def test_sample_command_says_when_samples_leave_the_numeric_range(finished_run, capsys):
+    run_dir, _, _ = finished_run
+    code, out, err = sample_cli(capsys, str(run_dir), "--temperature", "1e30", "--output",
+                                str(run_dir / "hot.md"))  # fmt: skip
+    assert code == 0
+    assert "left the numeric range" in err
+
+
+def test_sample_command_refuses_a_seed_out_of_range(finished_run, capsys):
+    run_dir, _, _ = finished_run
+    with pytest.raises(SystemExit) as stop:
+        sample_cli(capsys, str(run_dir), "--seed", str(2**64))
+    assert stop.value.code == 2
+    assert "2**63" in capsys.readouterr().err
 
 
 def test_sample_command_refuses_what_is_not_a_run(capsys, tmp_path):
