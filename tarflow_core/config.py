@@ -140,6 +140,46 @@ def parse(files: list[str], bindings: list[str]) -> None:
         raise ConfigError(
             f"bad gin configuration: {error.args[0]}", hint="check brackets and quotes"
         ) from None
+    _refuse_unused_macros(bindings)
+
+
+def _refuse_unused_macros(bindings: list[str]) -> None:
+    """gin accepts a macro that nothing reads without a word, so `--bind "STEP = 20"` (for
+    STEPS) would train the full run. A macro bound on the command line must be read somewhere."""
+    bound = []
+    for text in bindings:
+        for statement in config_parser.ConfigParser(text, _Delegate()):
+            if isinstance(statement, config_parser.BindingStatement) and not statement.arg_name:
+                bound.append(statement.selector)
+    if not bound:
+        return
+
+    read = set()
+
+    def visit(value):
+        if isinstance(value, gin.config.ConfigurableReference):
+            scope, selector = value.config_key
+            if selector == "gin.macro":
+                read.add(scope)
+        elif isinstance(value, (list, tuple, set)):
+            for item in value:
+                visit(item)
+        elif isinstance(value, dict):
+            for item in value.values():
+                visit(item)
+
+    for params in gin.config._CONFIG.values():
+        for value in params.values():
+            visit(value)
+    unused = [name for name in bound if name not in read]
+    if unused:
+        known = sorted(read)
+        close = difflib.get_close_matches(unused[0], known, n=1)
+        hint = f"did you mean {close[0]!r}? " if close else ""
+        raise ConfigError(
+            f"macro {unused[0]!r} is bound but nothing in the configuration reads it",
+            hint=hint + f"macros read here: {', '.join(known) or 'none'}",
+        )
 
 
 class _DropGinSearchNoise(logging.Filter):

@@ -24,6 +24,14 @@ def test_misspelled_parameter_is_named_with_a_suggestion():
         config.parse(["gin/mixture.gin"], ["TrainConfig.stpes = 7"])
 
 
+def test_a_bound_macro_that_nothing_reads_is_refused():
+    with pytest.raises(ConfigError, match="'STEP' is bound but nothing.*did you mean 'STEPS'"):
+        config.parse(["gin/mixture.gin"], ["STEP = 20"])
+
+    # A macro read through another one, or inside a list, counts as read.
+    config.parse(["gin/mixture.gin"], ["MIX_K = 4", "TrainConfig.steps = %STEPS"])
+
+
 def test_misspelled_configurable_is_named_with_a_suggestion():
     with pytest.raises(ConfigError, match="unknown configurable 'TrainConfg'.*'TrainConfig'"):
         config.parse(["gin/mixture.gin"], ["TrainConfg.steps = 7"])
