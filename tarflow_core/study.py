@@ -13,6 +13,7 @@ parses those files plus its bindings and trains through `train.run_experiment`, 
 
 import argparse
 import contextlib
+import errno
 import importlib.util
 import logging
 import math
@@ -25,10 +26,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import optuna
+from optuna.trial import TrialState
 
 from tarflow_core import config, registry
-from tarflow_core.errors import ConfigError, TarflowError
+from tarflow_core.errors import ConfigError, DataError, TarflowError
 from tarflow_core.hookspecs import hookimpl
+from tarflow_core.tracking import check_existing_store, check_reachable
 from tarflow_core.train import run_experiment
 
 logger = logging.getLogger(__name__)
@@ -45,6 +48,14 @@ TRIAL_BINDINGS = "bindings"
 TRIAL_RUN = "mlflow_run_id"
 TRIAL_RUN_DIR = "run_dir"
 TRIAL_REASON = "reason"
+TRIAL_REPLACES = "replaces_trial"
+
+# The reason of a trial stopped by Ctrl-C. It does not count toward the study's total, and its
+# configuration is queued to be tried again, so rerunning the command completes the study.
+INTERRUPTED = "interrupted"
+
+# Characters of the corpus read before a study starts, to check that it loads at all.
+CORPUS_PROBE_CHARS = 20_000
 
 # A worker that died without telling the storage leaves its trial RUNNING; the heartbeat lets
 # the next worker find it and mark it failed.
@@ -58,6 +69,14 @@ PARENT_WAIT_SECONDS = 30
 
 class TrialDiverged(TarflowError):
     """A trial whose validation bound stopped being a finite number."""
+
+
+class StudyInterrupted(BaseException):
+    """Ctrl-C during a trial, after the trial was recorded as interrupted.
+
+    Not a KeyboardInterrupt: Optuna catches those and logs them with a traceback, while a
+    BaseException of another kind passes through `study.optimize` untouched.
+    """
 
 
 @dataclass
@@ -104,6 +123,13 @@ def load_study_spec(name: str) -> StudySpec:
             raise ConfigError(
                 f"study file {str(path)!r} does not define {required}",
                 hint="a study defines QUESTION, GIN_FILES and space(trial, registry)",
+            )
+    for function in ("space", "sampler", "pruner"):
+        if hasattr(module, function) and not callable(getattr(module, function)):
+            raise ConfigError(
+                f"{function} in study file {str(path)!r} is a "
+                f"{type(getattr(module, function)).__name__}, not a function",
+                hint=f"define it as def {function}(...): see the study files in studies/",
             )
     return StudySpec(
         name=path.stem,
@@ -379,6 +405,20 @@ class Objective:
         except Exception as error:
             self.record(trial, reporter, "FAIL", describe(error))
             raise
+        except KeyboardInterrupt:
+            self.interrupted(trial, reporter)
+            raise StudyInterrupted from None
+
+    def interrupted(self, trial: optuna.Trial, reporter) -> None:
+        """Fail a trial stopped by Ctrl-C as interrupted, and queue its configuration again.
+
+        The trial is told here because Optuna never sees it end: `StudyInterrupted` passes
+        through `study.optimize` without Optuna's failure log and its traceback.
+        """
+        self.record(trial, reporter, "FAIL", INTERRUPTED)
+        if trial.params:
+            trial.study.enqueue_trial(trial.params, user_attrs={TRIAL_REPLACES: trial.number})
+        trial.study.tell(trial, state=TrialState.FAIL)
 
     def record(self, trial, reporter, state: str, reason: str) -> None:
         """Keep why a trial stopped in its user attributes and in its MLflow run."""
@@ -417,6 +457,74 @@ def record_in_mlflow(setup, parent_run_id, trial, reporter, state, reason) -> No
         client.set_terminated(run_id, status="FAILED")
     for key, value in tags.items():
         client.set_tag(run_id, key, value)
+
+
+def counts_toward_total(trial: optuna.trial.FrozenTrial) -> bool:
+    """Every trial counts toward `--trials` but interrupted ones and those queued to replace
+    them, so the rerun of an interrupted command trains what is missing."""
+    if trial.state == TrialState.WAITING:
+        return False
+    return not (
+        trial.state == TrialState.FAIL and trial.user_attrs.get(TRIAL_REASON) == INTERRUPTED
+    )
+
+
+def counted_trials(study: optuna.Study) -> int:
+    return sum(counts_toward_total(t) for t in study.get_trials(deepcopy=False))
+
+
+class StopAtTotal:
+    """An Optuna callback that stops a worker once the study holds its total of trials.
+
+    Running trials of other workers count too, so N workers stop at the same total.
+    """
+
+    def __init__(self, total: int):
+        self.total = total
+
+    def __call__(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        if counted_trials(study) >= self.total:
+            study.stop()
+
+
+def check_study_name(name: str) -> None:
+    """A study's name becomes the folder of its runs: refuse one that leads anywhere else."""
+    separators = [s for s in ("/", "\\", os.sep, os.altsep) if s]
+    if not name.strip() or name.startswith(".") or any(s in name for s in separators):
+        raise ConfigError(
+            f"study name {name!r} cannot be a folder name",
+            hint="use letters, digits, '-' and '_', without path separators or a leading dot",
+        )
+
+
+def check_writable(folder: Path) -> None:
+    """Refuse an output folder that cannot be made or written to, without making it."""
+    existing = folder.absolute()
+    while not existing.exists():
+        existing = existing.parent
+    try:
+        if not existing.is_dir():
+            raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR))
+        with tempfile.NamedTemporaryFile(dir=existing, prefix=".tarflow-write-check-"):
+            pass
+    except OSError as error:
+        raise ConfigError(
+            f"trials cannot write their runs under {str(folder)!r}: "
+            f"{str(existing)!r}: {error.strerror or error}",
+            hint="give --output-dir a folder you can write to",
+        ) from None
+
+
+def check_corpus_loads() -> None:
+    """Read the start of the corpus the parsed gin files name, once, before any trial."""
+    try:
+        config.configured("load_corpus")(max_chars=CORPUS_PROBE_CHARS)
+    except DataError:
+        raise
+    except Exception as error:
+        # A study may bind its corpus per trial (a macro the base files leave unbound): its
+        # trials check it.
+        logger.debug("corpus not checked before the study: %s", describe(error))
 
 
 def ensure_parent_run(study, storage, setup: StudySetup, created: bool) -> str | None:
@@ -465,11 +573,14 @@ def run_study(
     """Run (or resume, or join) a study until it holds `trials` trials in all.
 
     Several workers may run this on one storage: each trial is claimed by one worker, and the
-    workers stop once the study holds the total, whatever state the trials ended in.
+    workers stop once the study holds the total, whatever state the trials ended in (but
+    trials interrupted by Ctrl-C, which are tried again). Everything the trials share is
+    checked first; a start that fails leaves no study behind.
     """
     spec = load_study_spec(name)
     total = spec.trials if trials is None else trials
     study_name = study_name or spec.name
+    check_study_name(study_name)
     pm, components = registry.load()
     config.setup(components)
     setup = StudySetup(
@@ -483,13 +594,31 @@ def run_study(
         output_dir=str(Path(output_dir) / study_name),
     )
 
-    # A bad binding should fail here, once, not in every trial.
+    # What every trial shares is checked before the study exists: a bad setting would fail
+    # every trial, and a study created with it would refuse the corrected command.
     config.parse(setup.gin_files, setup.bindings)
+    check_corpus_loads()
+    check_writable(Path(setup.output_dir))
+    if track:
+        check_reachable(
+            tracking_uri, hint="start the server, fix --tracking-uri or give --no-track"
+        )
 
     storage = open_storage(storage_url)
     study, created = open_study(spec, storage, study_name, setup)
-    parent_run_id = ensure_parent_run(study, storage, setup, created)
-    done = len(study.trials)
+    try:
+        parent_run_id = ensure_parent_run(study, storage, setup, created)
+    except BaseException as error:
+        if created:
+            # A study left without trials would hold the settings of a start that failed.
+            optuna.delete_study(study_name=study_name, storage=storage)
+        if isinstance(error, Exception) and not isinstance(error, TarflowError):
+            raise TarflowError(
+                f"MLflow tracking store {tracking_uri!r} is not usable: {describe(error)}",
+                hint="fix --tracking-uri (e.g. sqlite:///mlflow.db) or give --no-track",
+            ) from None
+        raise
+    done = counted_trials(study)
     logger.info(
         "study %s: %d of %d trials in %s%s",
         study_name,
@@ -502,10 +631,10 @@ def run_study(
         return study
 
     objective = Objective(spec, setup, pm, components, parent_run_id)
-    # Counting every state (running ones too) makes N workers stop at the same total.
     # TODO: two workers that finish at the same instant can both start one more trial
-    # (Optuna counts, then creates, without a lock), so a study may end one trial over.
-    stop_at_total = optuna.study.MaxTrialsCallback(total, states=None)
+    # (the count and Optuna's creation of the next trial hold no lock), so a study may end
+    # one trial over.
+    stop_at_total = StopAtTotal(total)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     with active_parent_run(setup, parent_run_id):
         study.optimize(
@@ -573,6 +702,9 @@ def rerun(
     `bindings` may only move the run (output folder, tracking); anything else would not be a
     rerun. Returns the summary and the new MLflow run id.
     """
+    # Before anything else: MLflow would create a database at a mistyped path, or retry an
+    # absent server for minutes.
+    check_existing_store(tracking_uri, hint="give the --tracking-uri the trial was logged to")
     pm, components = registry.load()
     config.setup(components)
     with tempfile.TemporaryDirectory() as folder:
@@ -602,7 +734,9 @@ def parse_args(argv):
     run.add_argument("study", help="a study name (studies/NAME.py) or a study file")
     run.add_argument("--trials", type=positive_int, help="total trials (default: the file's)")
     run.add_argument("--storage", default="sqlite:///studies.db", help="SQLAlchemy URL")
-    run.add_argument("--timeout", type=float, help="seconds this worker may start trials for")
+    run.add_argument(
+        "--timeout", type=positive_number, help="seconds this worker may start trials for"
+    )
     run.add_argument("--study-name", help="name in the storage (default: the study's)")
     run.add_argument(
         "--bind", action="append", default=[], metavar="BINDING", help="extra gin binding"
@@ -639,7 +773,18 @@ def positive_int(text: str) -> int:
     return int(text)
 
 
-def print_study(study: optuna.Study) -> None:
+def positive_number(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"expected a positive number of seconds, not {text!r}")
+    return value
+
+
+def print_study(study: optuna.Study) -> bool:
+    """The study's trials by state and its best trial; False if no trial completed."""
     states = {}
     for trial in study.trials:
         states[trial.state.name] = states.get(trial.state.name, 0) + 1
@@ -647,9 +792,16 @@ def print_study(study: optuna.Study) -> None:
     try:
         best = study.best_trial
     except ValueError:
-        print("no trial completed")
-        return
+        failed = [t for t in study.trials if t.state == TrialState.FAIL]
+        last = failed[-1].user_attrs.get(TRIAL_REASON) if failed else None
+        print(
+            f"no trial of study {study.study_name} completed"
+            + (f"; the last failed with {last}" if last else ""),
+            file=sys.stderr,
+        )
+        return False
     print(f"best trial {best.number}: {OBJECTIVE} {best.value:.4f} with {best.params}")
+    return True
 
 
 def main(argv=None) -> int:
@@ -675,7 +827,8 @@ def main(argv=None) -> int:
                 tracking_uri=args.tracking_uri,
                 output_dir=args.output_dir,
             )
-            print_study(study)
+            if not print_study(study):
+                return 1
         elif args.command == "report":
             from tarflow_core.study_report import write_report
 
@@ -694,7 +847,7 @@ def main(argv=None) -> int:
     except TarflowError as error:
         print(f"error: {error.one_line()}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, StudyInterrupted):
         print("interrupted; rerun the same command to resume the study", file=sys.stderr)
         return 130
     return 0

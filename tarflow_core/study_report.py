@@ -22,14 +22,19 @@ from tarflow_core.study import (  # noqa: E402
     STUDY_SETUP,
     TRIAL_BINDINGS,
     TRIAL_REASON,
+    TRIAL_REPLACES,
     TRIAL_RUN,
     open_storage,
 )
+from tarflow_core.tracking import check_existing_store  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
 
 def load(study_name: str, storage_url: str) -> optuna.Study:
+    if storage_url.startswith("sqlite:"):
+        # Opening a SQLite URL creates its file: a mistyped path would leave an empty database.
+        check_existing_store(storage_url, hint="give the --storage the study ran on")
     storage = open_storage(storage_url)
     names = [s.study_name for s in optuna.get_all_study_summaries(storage)]
     if study_name not in names:
@@ -45,6 +50,8 @@ def reason(trial: optuna.trial.FrozenTrial) -> str:
     text = trial.user_attrs.get(TRIAL_REASON) or trial.system_attrs.get("fail_reason", "")
     if trial.state == TrialState.RUNNING:
         text = "running (or its worker died; a later worker marks it failed)"
+    if trial.state == TrialState.WAITING and TRIAL_REPLACES in trial.user_attrs:
+        text = f"queued to replace interrupted trial {trial.user_attrs[TRIAL_REPLACES]}"
     return " ".join(str(text).split()).replace("|", "/")
 
 
@@ -55,6 +62,8 @@ def cell(value) -> str:
 
 
 def trial_table(study: optuna.Study, params: list[str]) -> list[str]:
+    if not study.trials:
+        return ["No trial has started yet."]
     header = ["#", "state", *params, f"{OBJECTIVE} (nats/token)", "last step", "seconds"]
     header += ["pruned / failed because", "MLflow run"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
@@ -189,8 +198,23 @@ def plots(study: optuna.Study, params: list[str], out: Path) -> list[tuple[str, 
 def write_report(study_name: str, storage_url: str, out: Path) -> Path:
     """Write `out/report.md` and its PNG plots; the path of the report."""
     study = load(study_name, storage_url)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(
+            f"report folder {str(out)!r} is a file", hint="give --out a folder (made if missing)"
+        )
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        return write_report_files(study, storage_url, out)
+    except OSError as error:
+        raise ConfigError(
+            f"cannot write the report to {str(out)!r}: {error.strerror or error}",
+            hint="give --out a folder you can write to (it is made if missing)",
+        ) from None
+
+
+def write_report_files(study: optuna.Study, storage_url: str, out: Path) -> Path:
+    study_name = study.study_name
     setup = study.user_attrs.get(STUDY_SETUP, {})
-    out.mkdir(parents=True, exist_ok=True)
     params = sorted({p for t in study.trials for p in t.params})
     counts = {}
     for trial in study.trials:
@@ -199,10 +223,9 @@ def write_report(study_name: str, storage_url: str, out: Path) -> Path:
     lines = [f"# Study `{study_name}`", ""]
     if setup.get("question"):
         lines += [f"**Question.** {setup['question']}", ""]
+    by_state = ", ".join(f"{n} {s}" for s, n in sorted(counts.items()))
     lines += [
-        f"- trials: {len(study.trials)} ("
-        + ", ".join(f"{n} {s}" for s, n in sorted(counts.items()))
-        + ")",
+        f"- trials: {len(study.trials)} ({by_state})" if study.trials else "- trials: none yet",
         f"- objective: final `{OBJECTIVE}` in nats per token, lower is better "
         "(an upper bound; bits per character = nats / ln 2 on character corpora)",
         f"- storage: `{storage_url}`",
@@ -266,6 +289,9 @@ def write_report(study_name: str, storage_url: str, out: Path) -> Path:
     # Written whole or not at all: a reader never finds half a report.
     report = out / "report.md"
     partial = out / "report.md.partial"
-    partial.write_text("\n".join(lines))
-    partial.replace(report)
+    try:
+        partial.write_text("\n".join(lines))
+        partial.replace(report)
+    finally:
+        partial.unlink(missing_ok=True)
     return report

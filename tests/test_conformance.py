@@ -185,3 +185,31 @@ def test_the_spline_is_monotone_and_its_inverse_exact(spline_module, seed):
     # Closed-form roots: exact to rounding (amplified by the steepest piece), not to a
     # solver's tolerance.
     torch.testing.assert_close(coupling.inverse(u, ctx), h, atol=1e-10, rtol=0)
+
+
+class OptionOnly:
+    """A pytest config as the plugin reads it: the option's values and the paths asked for."""
+
+    def __init__(self, values):
+        self.values, self.args = values, []
+
+    def getoption(self, name):
+        return self.values
+
+
+@pytest.mark.parametrize(
+    "values, message",
+    [
+        ([""], "needs a plugin name"),
+        ([" , "], "needs a plugin name"),
+        (["affine,no_such_plugin"], "no installed plugin named 'no_such_plugin'"),
+    ],
+)
+def test_an_empty_or_unknown_plugin_name_is_a_usage_error(components, values, message):
+    from tarflow_core.conformance import plugin
+
+    with pytest.raises(pytest.UsageError, match=message):
+        plugin.pytest_configure(OptionOnly(values))
+
+    plugin.check_requested(["affine"])  # a real plugin passes
+    plugin.pytest_configure(OptionOnly(None))  # without the option nothing is checked

@@ -279,3 +279,149 @@ def space(trial, registry):
     trials = load(tmp_path).trials
     assert [t.state for t in trials] == [TrialState.COMPLETE, TrialState.FAIL]
     assert "changed since it started" in trials[1].user_attrs["reason"]
+
+
+def no_studies_in(url: str) -> bool:
+    return optuna.get_all_study_summaries(optuna.storages.RDBStorage(url)) == []
+
+
+def test_an_unusable_tracking_store_is_refused_before_the_study_exists(
+    tmp_path, shakespeare, components, monkeypatch
+):
+    path = write_study(tmp_path, shakespeare, LR_SPACE)
+    run = dict(storage_url=storage_url(tmp_path), output_dir=str(tmp_path / "runs"))
+
+    # Nothing listens on the discard port: refused in seconds, not after MLflow's retries.
+    with pytest.raises(TarflowError, match="cannot be reached"):
+        studies.run_study(str(path), tracking_uri="http://127.0.0.1:9", **run)
+    assert no_studies_in(storage_url(tmp_path))
+
+    # A failure after the study was created takes the new study with it.
+    def broken_parent_run(*args):
+        raise RuntimeError("store broke")
+
+    monkeypatch.setattr(studies, "ensure_parent_run", broken_parent_run)
+    with pytest.raises(TarflowError, match="store broke"):
+        studies.run_study(str(path), tracking_uri=f"sqlite:///{tmp_path / 'm.db'}", **run)
+    assert no_studies_in(storage_url(tmp_path))
+
+    # A rerun reads a store: a missing one is refused, not created empty.
+    missing = tmp_path / "missing.db"
+    with pytest.raises(TarflowError, match="no database"):
+        studies.rerun("0123abcd", f"sqlite:///{missing}")
+    assert not missing.exists()
+
+
+INTERRUPTING_SPACE = """
+import os
+from pathlib import Path
+
+
+def space(trial, registry):
+    lr = trial.suggest_float("lr", 1e-3, 1e-2, log=True)
+    marker = Path(os.environ["TARFLOW_TEST_MARKER"])
+    if trial.number == 1 and not marker.exists():
+        marker.touch()
+        raise KeyboardInterrupt  # as Ctrl-C would, in the middle of the second trial
+    return {"TrainConfig.lr": lr}
+"""
+
+
+def test_ctrl_c_stops_cleanly_and_the_rerun_replaces_the_interrupted_trial(
+    tmp_path, shakespeare, components, monkeypatch, capsys
+):
+    import logging
+
+    monkeypatch.setenv("TARFLOW_TEST_MARKER", str(tmp_path / "interrupted"))
+    path = write_study(tmp_path, shakespeare, INTERRUPTING_SPACE)
+    command = ["run", str(path), "--trials", "2", "--storage", storage_url(tmp_path)]
+    command += ["--no-track", "--output-dir", str(tmp_path / "runs"), "--log-level", "ERROR"]
+    optuna_records = []
+    handler = logging.Handler()
+    handler.emit = optuna_records.append
+    logging.getLogger("optuna").addHandler(handler)
+    try:
+        interrupted = studies.main(command)
+    finally:
+        logging.getLogger("optuna").removeHandler(handler)
+
+    assert interrupted == 130
+    assert capsys.readouterr().err == "interrupted; rerun the same command to resume the study\n"
+    assert not [r for r in optuna_records if r.exc_info], "Optuna logged a traceback"
+    first, stopped, queued = load(tmp_path).trials
+    assert stopped.state == TrialState.FAIL and stopped.user_attrs["reason"] == "interrupted"
+    assert queued.state == TrialState.WAITING
+
+    assert studies.main(command) == 0
+
+    trials = load(tmp_path).trials
+    assert [t.state for t in trials] == [TrialState.COMPLETE, TrialState.FAIL] + [
+        TrialState.COMPLETE
+    ]
+    # The replacement tries the interrupted configuration again, and counts in its place.
+    assert trials[2].params == stopped.params and trials[2].user_attrs["replaces_trial"] == 1
+    assert studies.counted_trials(load(tmp_path)) == 2
+
+
+ALWAYS_FAILING_SPACE = """
+def space(trial, registry):
+    return {"build_model.couplings": [trial.suggest_categorical("c", ["no_such"])] * 2}
+"""
+
+
+def test_settings_every_trial_shares_are_checked_before_the_study_starts(
+    tmp_path, shakespeare, components, capsys
+):
+    path = write_study(tmp_path, shakespeare, LR_SPACE)
+    not_callable = write_study(tmp_path, shakespeare, "space = {'lr': 0.01}", name="bad")
+    common = ["--storage", storage_url(tmp_path), "--no-track", "--log-level", "ERROR"]
+    runs = ["--output-dir", str(tmp_path / "runs")]
+    refused = {
+        "no such file or folder": [str(path), *common, *runs, "--bind", "CORPUS = '/no.txt'"],
+        "cannot write their runs": [str(path), *common, "--output-dir", "/proc/nope"],
+        "is a dict, not a function": [str(not_callable), *common, *runs],
+        "cannot be a folder name": [str(path), *common, *runs, "--study-name", "../../x"],
+    }
+    for message, arguments in refused.items():
+        assert studies.main(["run", *arguments]) == 2, message
+        error = capsys.readouterr().err
+        assert error.startswith("error: ") and message in error and "Traceback" not in error
+    assert no_studies_in(storage_url(tmp_path))
+
+    # Trials that ran and all failed: a failure of the command, saying so.
+    failing = write_study(tmp_path, shakespeare, ALWAYS_FAILING_SPACE, name="failing")
+    assert studies.main(["run", str(failing), "--trials", "2", *common, *runs]) == 1
+    assert "no trial of study failing completed" in capsys.readouterr().err
+    assert studies.check_study_name("tiny-study_2") is None
+
+
+@pytest.mark.parametrize("timeout", ["0", "-5", "nan", "inf", "soon"])
+def test_the_timeout_must_be_a_positive_number(timeout, capsys):
+    with pytest.raises(SystemExit):
+        studies.parse_args(["run", "couplings", "--timeout", timeout])
+    assert "expected a positive number of seconds" in capsys.readouterr().err
+    assert studies.parse_args(["run", "couplings", "--timeout", "1.5"]).timeout == 1.5
+
+
+def test_report_refuses_a_missing_storage_and_an_unwritable_folder(tmp_path, capsys):
+    url = storage_url(tmp_path)
+    optuna.create_study(study_name="empty", storage=url)
+    missing = tmp_path / "nonexist.db"
+    a_file = tmp_path / "taken"
+    a_file.write_text("")
+    refused = {
+        "no database": ["--storage", f"sqlite:///{missing}"],
+        "is a file": ["--storage", url, "--out", str(a_file)],
+        "cannot write the report": ["--storage", url, "--out", "/proc/nope"],
+    }
+    for message, arguments in refused.items():
+        assert studies.main(["report", "empty", *arguments]) == 2, message
+        error = capsys.readouterr().err
+        assert error.startswith("error: ") and message in error
+    assert not missing.exists()
+
+    # A study without trials reads as one.
+    assert studies.main(["report", "empty", "--storage", url, "--out", str(tmp_path)]) == 0
+    text = (tmp_path / "report.md").read_text()
+    assert "- trials: none yet" in text and "()" not in text
+    assert "No trial has started yet." in text and "| # |" not in text

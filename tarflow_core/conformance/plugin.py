@@ -7,6 +7,8 @@ also collects the kit and runs it on the components the named plugins register.
 import os
 from pathlib import Path
 
+import pytest
+
 KIT = Path(__file__).resolve().parent / "kit.py"
 
 
@@ -24,8 +26,10 @@ def pytest_addoption(parser):
 
 
 def pytest_configure(config):
-    if not config.getoption("tarflow_conformance"):
+    values = config.getoption("tarflow_conformance")
+    if values is None:
         return
+    check_requested(values)
     if str(KIT) not in config.args:
         config.args.append(str(KIT))
 
@@ -41,3 +45,26 @@ def pytest_configure(config):
             suppress_health_check=[HealthCheck.too_slow],
         )
         settings.load_profile("tarflow-conformance")
+
+
+def check_requested(values: list[str]) -> None:
+    """Refuse an empty or unknown plugin name as a usage error, before any collection.
+
+    The kit itself would read an empty list as "everything", and an unknown name would only
+    surface as a collection error with a traceback.
+    """
+    names = [name.strip() for value in values for name in value.split(",") if name.strip()]
+    if not names:
+        raise pytest.UsageError(
+            "--tarflow-conformance needs a plugin name (an entry point name in the "
+            "tarflow.plugins group), or 'all'"
+        )
+
+    from tarflow_core import registry
+    from tarflow_core.conformance.common import targets
+    from tarflow_core.errors import PluginError
+
+    try:
+        targets(registry.load()[1], names)
+    except PluginError as error:
+        raise pytest.UsageError(f"--tarflow-conformance: {error.one_line()}") from None
