@@ -120,23 +120,31 @@ def _residual(x, targets, log_weights, loc, log_scale, family: str):
     lower, log_target_cdf, log_target_sf = targets
 
     # Only the tail on each value's own side is needed: one log-CDF per component, of z on the
-    # lower half and of -z on the upper (both families are symmetric), and two logsumexps.
-    z = (x.unsqueeze(-1) - loc) * torch.exp(-log_scale)
+    # lower half and of -z on the upper (both families are symmetric).
+    inverse_scale = torch.exp(-log_scale)
+    z = (x.unsqueeze(-1) - loc) * inverse_scale
     toward_tail = torch.where(lower.unsqueeze(-1), z, -z)
     if family == "logistic":
-        # log sigmoid(-t) = log sigmoid(t) - t, so the density needs no second logsigmoid.
         log_tail = torch.nn.functional.logsigmoid(toward_tail)
-        log_pdf = 2 * log_tail - toward_tail - log_scale
+        # A logistic's density over its tail is sigmoid(-t) / s.
+        hazard = torch.sigmoid(-toward_tail)
     elif family == "gaussian":
         log_tail = torch.special.log_ndtr(toward_tail)
-        log_pdf = log_normal_pdf(z) - log_scale
+        hazard = torch.exp(log_normal_pdf(toward_tail) - log_tail)
     else:
         raise ValueError(f"unknown mixture family {family!r}; use 'logistic' or 'gaussian'")
-    log_tail = torch.logsumexp(log_weights + log_tail, -1)
-    log_pdf = torch.logsumexp(log_weights + log_pdf, -1)
 
-    g = torch.where(lower, log_tail - log_target_cdf, log_target_sf - log_tail)
-    return g, torch.exp(log_pdf - log_tail)
+    # The slope of log(tail) is the density over the tail: the components' own ratios averaged
+    # with their shares of the tail, so one logsumexp gives both g and its slope.
+    weighted = log_weights + log_tail
+    peak = weighted.amax(-1, keepdim=True)
+    share = torch.exp(weighted - peak)
+    total = share.sum(-1)
+    log_mixture_tail = torch.log(total) + peak.squeeze(-1)
+    slope = (share * hazard * inverse_scale).sum(-1) / total
+
+    g = torch.where(lower, log_mixture_tail - log_target_cdf, log_target_sf - log_mixture_tail)
+    return g, slope
 
 
 def normal_to_mixture(u, log_weights, loc, log_scale, family: str, max_iter: int = 200):
@@ -167,11 +175,15 @@ def solve_normal_to_mixture(
             some 5 D for one channel at a time.
         start: a first guess (clamped into the bracket); the bracket's middle by default.
     """
-    # TODO: one step is some 60 small tensor operations; at sampling batch sizes on a CPU they
-    # cost their dispatch, not their arithmetic, which makes mixture sampling ~10x slower than
-    # the AR baseline. Fusing a step into one kernel (torch.compile or a custom op) is the
-    # next speed-up; fewer steps are not to be had, channel i needs channels < i.
+    # TODO: a step is some 70 small tensor operations; at sampling batch sizes on a CPU they
+    # cost their dispatch more than their arithmetic, and channel i settles only after channel
+    # i - 1, so a position costs about D + 5 steps: mixture sampling is several times slower
+    # than the AR baseline, and patches (larger D) do not make it faster. Newton on the whole
+    # triangular system (the head's Jacobian across channels) could remove the D; tried plain,
+    # it diverges from the identity start on perturbed weights, so it needs a safeguard of its
+    # own before it can replace this search.
     targets = _targets(u)
+    lower = targets[0]
     eps = torch.finfo(u.dtype).eps
     # A Newton step below rounding ends the search only where g is near zero too: far out in
     # a tail the slope can be lost to cancellation, and a wrong slope also gives a tiny step.
@@ -182,52 +194,56 @@ def solve_normal_to_mixture(
     x = 0.5 * (lo + hi) if start is None else torch.minimum(torch.maximum(start, lo), hi)
     # Sizes of the last two steps; the bracket's width stands in before there are any.
     last_step = older_step = hi - lo
-    converged = torch.zeros_like(u, dtype=torch.bool)
+    converged = torch.zeros_like(lower)
     # Before the first step every value counts as moved, so that mixtures that depend on
     # other channels are computed from x itself, with brackets to match.
-    moved = torch.ones_like(u, dtype=torch.bool)
+    moved = torch.ones_like(lower)
+    stale = torch.zeros_like(lower)
     for _ in range(max_iter):
-        stale = torch.zeros_like(moved)
         if channels_depend:
             params = mixture_of(x)
             # Channels after one that moved have a new mixture: their bracket starts over.
-            stale = (moved.cumsum(-1) > 0).roll(1, -1)
-            stale[..., 0] = False
+            stale = torch.zeros_like(moved)
+            stale[..., 1:] = moved[..., :-1].cumsum(-1) > 0
             if bool(stale.any()):
                 # Not widened, unlike the first bracket: that costs two more evaluations of
                 # the mixture per step, and the root leaves the quantile bracket only by
                 # rounding, which then ends the search within rounding of it anyway.
                 fresh_lo, fresh_hi = _bracket(u, params[1], params[2], family, *targets[1:])
                 lo, hi = torch.where(stale, fresh_lo, lo), torch.where(stale, fresh_hi, hi)
-                older_step = torch.where(stale, fresh_hi - fresh_lo, older_step)
-                last_step = torch.where(stale, fresh_hi - fresh_lo, last_step)
+                fresh_width = fresh_hi - fresh_lo
+                older_step = torch.where(stale, fresh_width, older_step)
+                last_step = torch.where(stale, fresh_width, last_step)
                 converged &= ~stale
 
         g, slope = _residual(x, targets, *params, family)
-        hi = torch.where(g > 0, x, hi)
-        lo = torch.where(g > 0, lo, x)
+        above = g > 0
+        hi = torch.where(above, x, hi)
+        lo = torch.where(above, lo, x)
 
         # Newton can cycle inside the bracket. A Newton step is taken only if it stays in the
-        # bracket and is under half the step before last; otherwise bisect. Steps near a root
-        # shrink quadratically and pass; a cycle does not, and bisection breaks it. A channel
-        # whose mixture is still moving follows it by plain Newton steps: its steps need not
-        # shrink yet, and a bisection would throw away how close it already is.
-        step = x - g / slope
-        newton = (step > lo) & (step < hi) & torch.isfinite(step)
-        newton &= ((step - x).abs() < 0.5 * older_step) | stale
+        # bracket (which also rules out an infinite or NaN step) and is under half the step
+        # before last; otherwise bisect. Steps near a root shrink quadratically and pass; a
+        # cycle does not, and bisection breaks it. A channel whose mixture is still moving
+        # follows it by plain Newton steps: its steps need not shrink yet, and a bisection
+        # would throw away how close it already is.
+        newton_step = g / slope
+        step = x - newton_step
+        newton_size = newton_step.abs()
+        newton = (step > lo) & (step < hi) & ((newton_size < 0.5 * older_step) | stale)
         new_x = torch.where(newton, step, 0.5 * (lo + hi))
         older_step, last_step = last_step, (new_x - x).abs()
 
         # An exact root, a value that already converged, or one whose Newton step is below
         # rounding (it sits on the bracket's end, and bisecting would throw it away) stays.
         rounding = 4 * eps * (1 + x.abs())
-        below_rounding = ((step - x).abs() <= rounding) & (g.abs() <= g_tolerance)
-        settled = converged | (g == 0) | below_rounding
+        g_small = g.abs() <= g_tolerance
+        settled = converged | (g == 0) | ((newton_size <= rounding) & g_small)
         new_x = torch.where(settled, x, new_x)
         moved = (new_x - x).abs() > rounding
         # A step below rounding is convergence where g is near zero or the bracket has
         # closed; elsewhere it is a step with a wrong slope, and the search goes on.
-        converged = settled | (~moved & ((g.abs() <= g_tolerance) | (hi - lo <= rounding)))
+        converged = settled | (~moved & (g_small | (hi - lo <= rounding)))
         x = new_x
         if bool(converged.all()):
             break
