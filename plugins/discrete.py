@@ -30,13 +30,16 @@ class _IsotropicMixtureCoupling(Coupling):
         """Component means (K, D) and log scales (K,)."""
         raise NotImplementedError
 
-    def _channel_weights(self, h, ctx):
+    def _channel_weights(self, h, ctx, log_pi=None):
         """log pi of every component for every channel, given the channels before it.
 
+        `log_pi`, the context's own weights (B, T, K), saves recomputing them when the weights
+        are evaluated many times for one ctx (the inverse).
         Returns (log_weights (B, T, D, K), loc (D, K), log_scale (K,)).
         """
         mean, log_scale = self._codebook()
-        log_pi = torch.log_softmax(self.logits(ctx), dim=-1)  # (B, T, K)
+        if log_pi is None:
+            log_pi = torch.log_softmax(self.logits(ctx), dim=-1)  # (B, T, K)
 
         # log N(h_j; mu_kj, s_k) per channel, then the sum over the channels before each one.
         standard = (h.unsqueeze(-1) - mean.T) * torch.exp(-log_scale)  # (B, T, D, K)
@@ -55,8 +58,10 @@ class _IsotropicMixtureCoupling(Coupling):
     def inverse(self, u, ctx):
         # Every channel at once; the weights of channel i, from channels < i, are recomputed
         # from the current guess at each step (see solve_normal_to_mixture).
+        log_pi = torch.log_softmax(self.logits(ctx), dim=-1)
+
         def mixture_of(h):
-            log_weights, loc, log_scale = self._channel_weights(h, ctx)
+            log_weights, loc, log_scale = self._channel_weights(h, ctx, log_pi)
             return log_weights, loc, log_scale.expand_as(loc)
 
         return solve_normal_to_mixture(u, mixture_of, "gaussian", channels_depend=True)
