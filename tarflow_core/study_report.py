@@ -158,6 +158,24 @@ def plot_by_param(study: optuna.Study, param: str):
     return axes
 
 
+def plot_curves(study: optuna.Study, params: list[str]):
+    """Optuna's intermediate-values plot with each curve named by its trial's choices, so
+    the legend says which arm a curve is rather than only its trial number."""
+    axes = optuna.visualization.matplotlib.plot_intermediate_values(study)
+    choices = {
+        f"Trial{t.number}": ", ".join(f"{p}={t.params[p]}" for p in params if p in t.params)
+        for t in study.trials
+    }
+    for line in axes.get_lines():
+        label = line.get_label()
+        if choices.get(label):
+            line.set_label(f"#{label.removeprefix('Trial')} {choices[label]}")
+    axes.legend(loc="best", fontsize="small")
+    axes.set_title("Validation NELBO along training")
+    axes.set_ylabel(f"{OBJECTIVE} (nats/token)")
+    return axes
+
+
 def plots(study: optuna.Study, params: list[str], out: Path) -> list[tuple[str, str]]:
     """The report's figures as (caption, file name), for those that could be drawn."""
     vis = optuna.visualization.matplotlib
@@ -171,7 +189,7 @@ def plots(study: optuna.Study, params: list[str], out: Path) -> list[tuple[str, 
         (
             "Validation NELBO along training (pruned trials stop early)",
             "curves.png",
-            lambda: vis.plot_intermediate_values(study),
+            lambda: plot_curves(study, params),
         ),
     ]
     for param in params:
