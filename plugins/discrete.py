@@ -17,6 +17,7 @@ import math
 import torch
 from torch import nn
 
+from tarflow_core import kernels
 from tarflow_core.errors import ConfigError
 from tarflow_core.hookspecs import hookimpl
 from tarflow_core.interfaces import Coupling
@@ -24,7 +25,13 @@ from tarflow_core.special import LOG_SQRT_2PI, mixture_to_normal, solve_normal_t
 
 
 class _IsotropicMixtureCoupling(Coupling):
-    """The Rosenblatt flow of an isotropic Gaussian mixture with context-given weights."""
+    """The Rosenblatt flow of an isotropic Gaussian mixture with context-given weights.
+
+    `compiled_inverse` (a constructor option of both couplings): sample through the compiled
+    kernel (`tarflow_core.kernels`) on the CPU; False keeps the PyTorch solver everywhere.
+    """
+
+    compiled_inverse = True
 
     def _codebook(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Component means (K, D) and log scales (K,)."""
@@ -59,6 +66,9 @@ class _IsotropicMixtureCoupling(Coupling):
         # Every channel at once; the weights of channel i, from channels < i, are recomputed
         # from the current guess at each step (see solve_normal_to_mixture).
         log_pi = torch.log_softmax(self.logits(ctx), dim=-1)
+        if self.compiled_inverse and kernels.usable_for(u, ctx):
+            mean, log_scale = self._codebook()
+            return kernels.invert_isotropic_mixture(u, log_pi, mean, log_scale)
 
         def mixture_of(h):
             log_weights, loc, log_scale = self._channel_weights(h, ctx, log_pi)
@@ -76,8 +86,11 @@ class TiedDiscreteCoupling(_IsotropicMixtureCoupling):
 
     near_identity_at_init = False
 
-    def __init__(self, dim: int, context_dim: int, encoder: nn.Module):
+    def __init__(
+        self, dim: int, context_dim: int, encoder: nn.Module, compiled_inverse: bool = True
+    ):
         super().__init__()
+        self.compiled_inverse = compiled_inverse
         if encoder.dim != dim:
             raise ConfigError(
                 f"the tied discrete coupling needs one token per position (D = d = "
@@ -105,9 +118,15 @@ class DiscreteCoupling(_IsotropicMixtureCoupling):
     """
 
     def __init__(
-        self, dim: int, context_dim: int, num_components: int = 64, init_spread: float = 0.5
+        self,
+        dim: int,
+        context_dim: int,
+        num_components: int = 64,
+        init_spread: float = 0.5,
+        compiled_inverse: bool = True,
     ):
         super().__init__()
+        self.compiled_inverse = compiled_inverse
         if not 0 <= init_spread < 1:
             raise ValueError(f"init_spread must lie in [0, 1), not {init_spread}")
         self.dim, self.context_dim = dim, context_dim

@@ -13,6 +13,7 @@ import math
 import torch
 from torch import nn
 
+from tarflow_core import kernels
 from tarflow_core.hookspecs import hookimpl
 from tarflow_core.interfaces import Coupling
 from tarflow_core.special import mixture_to_normal, soft_clamp, solve_normal_to_mixture
@@ -77,7 +78,10 @@ class MixtureCDFCoupling(Coupling):
         hidden: int = 128,
         family: str = "logistic",
         max_log_scale: float = 7.0,
+        compiled_inverse: bool = True,
     ):
+        """`compiled_inverse`: sample through the compiled kernel (`tarflow_core.kernels`) on
+        the CPU; False keeps the PyTorch solver, the reference, everywhere."""
         super().__init__()
         if family not in ("logistic", "gaussian"):
             raise ValueError(f"family must be 'logistic' or 'gaussian', not {family!r}")
@@ -86,6 +90,7 @@ class MixtureCDFCoupling(Coupling):
         self.dim, self.context_dim = dim, context_dim
         self.num_components, self.family = num_components, family
         self.max_log_scale = max_log_scale
+        self.compiled_inverse = compiled_inverse
         self.head = MaskedChannelHead(dim, context_dim, hidden, 3 * num_components)
         self._init_near_identity()
 
@@ -127,6 +132,10 @@ class MixtureCDFCoupling(Coupling):
         # Every channel is solved at once, its mixture recomputed from the current guess; the
         # head's context terms are the same throughout, so they are computed once.
         context = self.head.context_part(ctx)
+        if self.compiled_inverse and kernels.usable_for(u, ctx):
+            return kernels.invert_masked_mixture(
+                u, *context, self.num_components, self.family == "gaussian", self.max_log_scale
+            )
         return solve_normal_to_mixture(
             u,
             lambda h: self._mixture(h, ctx, context),
@@ -146,8 +155,11 @@ class GaussianMixtureCDFCoupling(MixtureCDFCoupling):
         num_components: int = 16,
         hidden: int = 128,
         max_log_scale: float = 7.0,
+        compiled_inverse: bool = True,
     ):
-        super().__init__(dim, context_dim, num_components, hidden, "gaussian", max_log_scale)
+        super().__init__(
+            dim, context_dim, num_components, hidden, "gaussian", max_log_scale, compiled_inverse
+        )
 
 
 @hookimpl

@@ -175,13 +175,10 @@ def solve_normal_to_mixture(
             some 5 D for one channel at a time.
         start: a first guess (clamped into the bracket); the bracket's middle by default.
     """
-    # TODO: a step is some 70 small tensor operations; at sampling batch sizes on a CPU they
-    # cost their dispatch more than their arithmetic, and channel i settles only after channel
-    # i - 1, so a position costs about D + 5 steps: mixture sampling is several times slower
-    # than the AR baseline, and patches (larger D) do not make it faster. Newton on the whole
-    # triangular system (the head's Jacobian across channels) could remove the D; tried plain,
-    # it diverges from the identity start on perturbed weights, so it needs a safeguard of its
-    # own before it can replace this search.
+    # TODO: a step is some 70 small tensor operations, and a position takes about D + 5 steps;
+    # at sampling batch sizes they cost their dispatch more than their arithmetic. On the CPU
+    # the couplings sample through `tarflow_core.kernels` instead; off the CPU this solver is
+    # what runs, and a fused kernel for the device would be the fix there too.
     targets = _targets(u)
     lower = targets[0]
     eps = torch.finfo(u.dtype).eps

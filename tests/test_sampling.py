@@ -264,6 +264,10 @@ def test_sample_command_takes_an_mlflow_run_id(finished_run, capsys, tmp_path, m
     moved = tmp_path / "moved"
     run_dir.rename(moved)
     monkeypatch.chdir(tmp_path)
+    # A temporary folder of the test's own, so that other programs' downloads do not count.
+    downloads = tmp_path / "tmp"
+    downloads.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(downloads))
     try:
         code, out, err = sample_cli(capsys, run_id, "--tracking-uri", tracking, "--seed", "5")
     finally:
@@ -271,7 +275,7 @@ def test_sample_command_takes_an_mlflow_run_id(finished_run, capsys, tmp_path, m
     assert code == 0, err
     assert "after flow 0" in out
     assert len(list((tmp_path / "generations").glob("samples-*.md"))) == 1
-    assert not list(Path(tempfile.gettempdir()).glob("tarflow-sample-*"))
+    assert not list(downloads.iterdir())
 
 
 @pytest.mark.parametrize(
