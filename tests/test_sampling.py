@@ -4,7 +4,6 @@ The per-component checks of cached decoding are in the conformance kit (tests/te
 """
 
 import tempfile
-from pathlib import Path
 
 import pytest
 import torch
