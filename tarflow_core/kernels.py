@@ -130,14 +130,16 @@ def _solve(u, log_target_cdf, log_target_sf, log_weights, loc, log_scale, gaussi
         hi = max(hi, quantile)
     stride = max(hi - lo, 1.0)
     for _ in range(64):
-        g_lo, _ = _residual(lo, lower, log_target_cdf, log_target_sf, log_weights, loc,
-                            log_scale, gaussian)
+        g_lo, _ = _residual(
+            lo, lower, log_target_cdf, log_target_sf, log_weights, loc, log_scale, gaussian
+        )
         if g_lo <= 0.0:
             break
         hi, lo, stride = lo, lo - stride, 2.0 * stride
     for _ in range(64):
-        g_hi, _ = _residual(hi, lower, log_target_cdf, log_target_sf, log_weights, loc,
-                            log_scale, gaussian)
+        g_hi, _ = _residual(
+            hi, lower, log_target_cdf, log_target_sf, log_weights, loc, log_scale, gaussian
+        )
         if g_hi >= 0.0:
             break
         lo, hi, stride = hi, hi + stride, 2.0 * stride
@@ -145,8 +147,9 @@ def _solve(u, log_target_cdf, log_target_sf, log_weights, loc, log_scale, gaussi
     x = 0.5 * (lo + hi) if math.isnan(start) else min(max(start, lo), hi)
     older_step = last_step = hi - lo
     for _ in range(MAX_STEPS):
-        g, slope = _residual(x, lower, log_target_cdf, log_target_sf, log_weights, loc,
-                             log_scale, gaussian)
+        g, slope = _residual(
+            x, lower, log_target_cdf, log_target_sf, log_weights, loc, log_scale, gaussian
+        )
         if g == 0.0:
             return x
         if g > 0.0:
@@ -179,8 +182,17 @@ def _gelu(x):
 
 @_jit_rows
 def _invert_masked_mixture(
-    u, log_target_cdf, log_target_sf, hidden_context, out_context, w_in, w_out,
-    num_components, gaussian, max_log_scale, eps,
+    u,
+    log_target_cdf,
+    log_target_sf,
+    hidden_context,
+    out_context,
+    w_in,
+    w_out,
+    num_components,
+    gaussian,
+    max_log_scale,
+    eps,
 ):
     """Rows of u (N, D) through the inverse of a mixture coupling with a masked (MADE) head:
     hidden = hidden_context + h @ w_in, params = gelu(hidden) @ w_out + out_context, and channel
@@ -224,8 +236,15 @@ def _invert_masked_mixture(
                 log_scale[k] = max_log_scale * math.tanh(params[2 * K + k] / max_log_scale)
 
             h[n, i] = _solve(
-                u[n, i], log_target_cdf[n, i], log_target_sf[n, i], log_weights,
-                params[K:2 * K], log_scale, gaussian, u[n, i], eps,
+                u[n, i],
+                log_target_cdf[n, i],
+                log_target_sf[n, i],
+                log_weights,
+                params[K : 2 * K],
+                log_scale,
+                gaussian,
+                u[n, i],
+                eps,
             )
     return h
 
@@ -255,8 +274,15 @@ def _invert_isotropic_mixture(u, log_target_cdf, log_target_sf, log_pi, mean, lo
 
             # No identity start here: a fresh mixture's root is best sought from the bracket.
             x = _solve(
-                u[n, i], log_target_cdf[n, i], log_target_sf[n, i], log_weights, loc,
-                log_scale, True, np.nan, eps,
+                u[n, i],
+                log_target_cdf[n, i],
+                log_target_sf[n, i],
+                log_weights,
+                loc,
+                log_scale,
+                True,
+                np.nan,
+                eps,
             )
             h[n, i] = x
             for k in range(K):
@@ -286,16 +312,31 @@ def _use_torch_threads():
     numba.set_num_threads(max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)))
 
 
-def invert_masked_mixture(u, hidden_context, out_context, w_in, w_out, num_components: int,
-                          gaussian: bool, max_log_scale: float) -> torch.Tensor:
+def invert_masked_mixture(
+    u,
+    hidden_context,
+    out_context,
+    w_in,
+    w_out,
+    num_components: int,
+    gaussian: bool,
+    max_log_scale: float,
+) -> torch.Tensor:
     """The mixture coupling's inverse for u (..., D); contexts (..., H) and (..., D * 3K)."""
     D = u.shape[-1]
     u_rows = _as_rows(u, D)
     _use_torch_threads()
     h = _invert_masked_mixture(
-        u_rows, *_targets(u_rows), _as_rows(hidden_context, w_in.shape[1]),
-        _as_rows(out_context, out_context.shape[-1]), _matrix(w_in), _matrix(w_out),
-        num_components, gaussian, float(max_log_scale), float(torch.finfo(u.dtype).eps),
+        u_rows,
+        *_targets(u_rows),
+        _as_rows(hidden_context, w_in.shape[1]),
+        _as_rows(out_context, out_context.shape[-1]),
+        _matrix(w_in),
+        _matrix(w_out),
+        num_components,
+        gaussian,
+        float(max_log_scale),
+        float(torch.finfo(u.dtype).eps),
     )
     return torch.from_numpy(h).to(u.dtype).reshape(u.shape)
 
@@ -306,8 +347,12 @@ def invert_isotropic_mixture(u, log_pi, mean, log_scale) -> torch.Tensor:
     u_rows = _as_rows(u, D)
     _use_torch_threads()
     h = _invert_isotropic_mixture(
-        u_rows, *_targets(u_rows), _as_rows(log_pi, log_pi.shape[-1]), _matrix(mean),
-        _matrix(log_scale), float(torch.finfo(u.dtype).eps),
+        u_rows,
+        *_targets(u_rows),
+        _as_rows(log_pi, log_pi.shape[-1]),
+        _matrix(mean),
+        _matrix(log_scale),
+        float(torch.finfo(u.dtype).eps),
     )
     return torch.from_numpy(h).to(u.dtype).reshape(u.shape)
 
