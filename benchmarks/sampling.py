@@ -10,8 +10,10 @@ model generates the same batch of tokens, once to warm up and then `--repeats` t
 one process; the median time is reported and the ratio is taken to the AR row of the same run.
 
 The flows' weights are the initial ones plus seeded noise (`--weight-noise`), so the mixture
-inverses do real root finding instead of starting at the identity. `--run DIR` adds a trained
-run folder as an extra row. Writes benchmarks/results/sampling.{json,md}.
+inverses do real root finding instead of starting at the identity. The mixture couplings invert
+through their compiled kernels; at P = 1 a row with the PyTorch solver instead (one timed call)
+shows what the kernels are worth. `--run DIR` adds a trained run folder as an extra row.
+Writes benchmarks/results/sampling.{json,md}.
 """
 
 import argparse
@@ -72,6 +74,25 @@ def time_sampling(model, samples: int, length: int, repeats: int, cached: bool =
     return median_seconds(once, repeats)
 
 
+def inverse_kind(model) -> str:
+    """How the model's couplings are inverted: compiled kernels, the PyTorch solver, or in
+    closed form (affine; the AR baseline has no flows)."""
+    switches = [
+        flow.coupling.compiled_inverse
+        for flow in getattr(model, "flows", [])
+        if hasattr(flow.coupling, "compiled_inverse")
+    ]
+    if not switches:
+        return "closed form" if hasattr(model, "flows") else ""
+    return "compiled" if all(switches) else "PyTorch"
+
+
+def use_compiled_inverse(model, compiled: bool) -> None:
+    for flow in model.flows:
+        if hasattr(flow.coupling, "compiled_inverse"):
+            flow.coupling.compiled_inverse = compiled
+
+
 def uncached_ar_seconds(model, samples: int, length: int, repeats: int) -> float:
     """The AR baseline without its cache: the whole prefix through the model every step."""
 
@@ -94,13 +115,13 @@ def markdown(rows: list[dict], header: dict) -> str:
         f"at init + N(0, {header['weight_noise']}^2) noise; {header['machine']}, torch "
         f"{header['torch']}.",
         "",
-        "| model | P | cache | layers per token | tokens/s | ratio to AR |",
-        "| --- | ---: | --- | ---: | ---: | ---: |",
+        "| model | P | cache | inverse | layers per token | tokens/s | ratio to AR |",
+        "| --- | ---: | --- | --- | ---: | ---: | ---: |",
     ]
     for row in rows:
         lines.append(
             f"| {row['model']} | {row['patch']} | {'yes' if row['cached'] else 'no'} "
-            f"| {row['layers_per_token']:g} | {row['tokens_per_second']:,.0f} "
+            f"| {row['inverse']} | {row['layers_per_token']:g} | {row['tokens_per_second']:,.0f} "
             f"| {row['ratio']:.2f} |"
         )
     return "\n".join(lines) + "\n"
@@ -116,6 +137,11 @@ def main() -> int:
     parser.add_argument("--couplings", nargs="+", default=["affine", "mixture", "discrete"])
     parser.add_argument("--weight-noise", type=float, default=0.05)
     parser.add_argument("--no-uncached", action="store_true", help="skip the uncached rows")
+    parser.add_argument(
+        "--no-pytorch-solver",
+        action="store_true",
+        help="skip the rows that invert the mixture couplings with the PyTorch solver",
+    )
     parser.add_argument("--run", action="append", default=[], help="a trained run folder to add")
     parser.add_argument("--out", default=str(HERE / "results" / "sampling"))
     args = parser.parse_args()
@@ -132,12 +158,17 @@ def main() -> int:
                 "model": name,
                 "patch": patch,
                 "cached": cached,
+                "inverse": inverse_kind(model),
                 "layers_per_token": layers_per_token(model),
                 "seconds": seconds,
                 "tokens_per_second": tokens / seconds,
             }
         )
-        print(f"{name:>10} P={patch} cache={cached}: {tokens / seconds:,.0f} tokens/s", flush=True)
+        print(
+            f"{name:>10} P={patch} cache={cached} {rows[-1]['inverse']}: "
+            f"{tokens / seconds:,.0f} tokens/s",
+            flush=True,
+        )
 
     ar = build("ar", 1, args.vocab, args.length, components, 0.0)
     add("ar", 1, ar, time_sampling(ar, args.samples, args.length, args.repeats))
@@ -147,6 +178,10 @@ def main() -> int:
         for patch in args.patches:
             model = build(name, patch, args.vocab, args.length, components, args.weight_noise)
             add(name, patch, model, time_sampling(model, args.samples, args.length, args.repeats))
+            if patch == 1 and inverse_kind(model) == "compiled" and not args.no_pytorch_solver:
+                use_compiled_inverse(model, False)
+                add(name, patch, model, time_sampling(model, args.samples, args.length, 1))
+                use_compiled_inverse(model, True)
             if patch == 1 and not args.no_uncached:
                 seconds = time_sampling(model, args.samples, args.length, args.repeats, False)
                 add(name, patch, model, seconds, cached=False)

@@ -54,6 +54,11 @@ TRIAL_REPLACES = "replaces_trial"
 # configuration is queued to be tried again, so rerunning the command completes the study.
 INTERRUPTED = "interrupted"
 
+# The reason of a trial that another worker's started while the study already held its total
+# (each worker decides to go on before the other's trial exists). It stops without training
+# and does not count.
+SURPLUS = "surplus: the study held its total of trials when this one started"
+
 # Characters of the corpus read before a study starts, to check that it loads at all.
 CORPUS_PROBE_CHARS = 20_000
 
@@ -371,12 +376,20 @@ def describe(error: BaseException) -> str:
 class Objective:
     """Train one trial, return its final validation NELBO, record why it did not finish."""
 
-    def __init__(self, spec: StudySpec, setup: StudySetup, pm, components, parent_run_id):
+    def __init__(
+        self, spec: StudySpec, setup: StudySetup, pm, components, parent_run_id, total: int
+    ):
         self.spec, self.setup = spec, setup
         self.pm, self.components = pm, components
         self.parent_run_id = parent_run_id
+        self.total = total
 
     def __call__(self, trial: optuna.Trial) -> float:
+        if is_surplus(trial, self.total):
+            trial.set_user_attr(TRIAL_REASON, SURPLUS)
+            logger.info("trial %d not run: the study already holds %d", trial.number, self.total)
+            trial.study.stop()
+            raise optuna.TrialPruned(SURPLUS)
         reporter = None
         try:
             bindings = trial_bindings(self.spec, trial, self.components)
@@ -461,12 +474,24 @@ def record_in_mlflow(setup, parent_run_id, trial, reporter, state, reason) -> No
 
 def counts_toward_total(trial: optuna.trial.FrozenTrial) -> bool:
     """Every trial counts toward `--trials` but interrupted ones and those queued to replace
-    them, so the rerun of an interrupted command trains what is missing."""
+    them, so the rerun of an interrupted command trains what is missing, and surplus ones."""
     if trial.state == TrialState.WAITING:
         return False
-    return not (
-        trial.state == TrialState.FAIL and trial.user_attrs.get(TRIAL_REASON) == INTERRUPTED
-    )
+    reason = trial.user_attrs.get(TRIAL_REASON)
+    if trial.state == TrialState.FAIL and reason == INTERRUPTED:
+        return False
+    return not (trial.state == TrialState.PRUNED and reason == SURPLUS)
+
+
+def is_surplus(trial: optuna.Trial, total: int) -> bool:
+    """Whether the trials numbered before this one already make the total. Storages number
+    trials atomically, so of two workers racing past the total the later trial yields."""
+    earlier = [
+        t
+        for t in trial.study.get_trials(deepcopy=False)
+        if t.number < trial.number and counts_toward_total(t)
+    ]
+    return len(earlier) >= total
 
 
 def counted_trials(study: optuna.Study) -> int:
@@ -630,10 +655,10 @@ def run_study(
     if done >= total:
         return study
 
-    objective = Objective(spec, setup, pm, components, parent_run_id)
-    # TODO: two workers that finish at the same instant can both start one more trial
-    # (the count and Optuna's creation of the next trial hold no lock), so a study may end
-    # one trial over.
+    objective = Objective(spec, setup, pm, components, parent_run_id, total)
+    # Two workers that finish at the same instant can both start one more trial (the count
+    # and Optuna's creation of the next trial hold no lock); the objective then finds the
+    # later one surplus and stops it before it trains.
     stop_at_total = StopAtTotal(total)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     with active_parent_run(setup, parent_run_id):

@@ -150,10 +150,14 @@ def test_two_workers_share_one_storage(tmp_path, shakespeare):
     outputs = [worker.communicate(timeout=300) for worker in workers]
 
     assert all(worker.returncode == 0 for worker in workers), [e[-2000:] for _, e in outputs]
-    trials = load(tmp_path).trials
-    # Every trial is claimed once and finished: none lost (left running), none run twice.
-    assert sorted(t.number for t in trials) == [0, 1, 2, 3]
-    assert all(t.state == TrialState.COMPLETE for t in trials)
+    every = load(tmp_path).trials
+    # Every trial is claimed once and finished: none lost (left running), none run twice. A
+    # trial two workers raced past the total to start is stopped before it trains.
+    trials = [t for t in every if studies.counts_toward_total(t)]
+    surplus = [t for t in every if not studies.counts_toward_total(t)]
+    assert len(trials) == 4 and all(t.state == TrialState.COMPLETE for t in trials)
+    assert all(t.user_attrs["reason"] == studies.SURPLUS for t in surplus)
+    assert all("run_dir" not in t.user_attrs for t in surplus)
     run_dirs = [t.user_attrs["run_dir"] for t in trials]
     assert len(set(run_dirs)) == 4 and all(Path(d).is_dir() for d in run_dirs)
 
@@ -425,3 +429,16 @@ def test_report_refuses_a_missing_storage_and_an_unwritable_folder(tmp_path, cap
     text = (tmp_path / "report.md").read_text()
     assert "- trials: none yet" in text and "()" not in text
     assert "No trial has started yet." in text and "| # |" not in text
+
+
+def test_a_trial_started_past_the_total_is_surplus_and_not_counted():
+    study = optuna.create_study()
+    for value in (1.0, 2.0):
+        study.add_trial(optuna.trial.create_trial(value=value))
+    racing = study.ask()  # another worker's count said one more was needed
+
+    assert studies.is_surplus(racing, total=2)
+    assert not studies.is_surplus(racing, total=3)
+    racing.set_user_attr("reason", studies.SURPLUS)
+    study.tell(racing, state=TrialState.PRUNED)
+    assert studies.counted_trials(study) == 2
