@@ -10,6 +10,7 @@ import logging
 import os
 import signal
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -118,17 +119,39 @@ def stop_on_sigterm(signum, frame):
 
 
 class LogProgress:
-    """Progress for a log file or a CI console: one line every tenth of the way."""
+    """Progress for a log file or a CI console: a line every tenth of the way, and at least
+    every `every_seconds`, with the time spent and an estimate of the time left."""
 
-    def __init__(self, total: int, desc: str):
+    def __init__(self, total: int, desc: str, every_seconds: float = 30.0):
         self.total, self.desc, self.done, self.postfix = total, desc, 0, {}
         self.every = max(1, total // 10)
+        self.every_seconds = every_seconds
+        self.started = self.last_line = time.monotonic()
+        # The rate is measured from the first update on: a resumed run's first update jumps
+        # over the steps done before, at no cost.
+        self.rate_from = None
 
     def update(self, n: int = 1) -> None:
         self.done += n
-        if self.done % self.every == 0 or self.done == self.total:
+        now = time.monotonic()
+        if self.rate_from is None:
+            self.rate_from = (self.done, now)
+        due = self.done % self.every == 0 or now - self.last_line >= self.every_seconds
+        if self.done > 0 and (due or self.done == self.total):
+            self.last_line = now
+            elapsed = now - self.started
+            counted, since = self.done - self.rate_from[0], now - self.rate_from[1]
+            left = since / counted * (self.total - self.done) if counted > 0 else 0.0
             extra = " ".join(f"{k} {v}" for k, v in self.postfix.items())
-            logger.info("%s %d/%d %s", self.desc, self.done, self.total, extra)
+            logger.info(
+                "%s %d/%d %s [%s elapsed, %s left]",
+                self.desc,
+                self.done,
+                self.total,
+                extra,
+                tqdm.format_interval(elapsed),
+                tqdm.format_interval(left),
+            )
 
     def set_postfix(self, values: dict) -> None:
         self.postfix = values

@@ -218,7 +218,7 @@ class StudySetup:
         return dict(vars(self))
 
 
-def open_study(spec: StudySpec, storage, study_name: str, setup: StudySetup):
+def open_study(spec: StudySpec, storage, study_name: str, setup: StudySetup, components):
     """Create the study, or load it to resume or to join other workers.
 
     Returns (study, created). A resumed study must be run with the setup it started with:
@@ -241,6 +241,7 @@ def open_study(spec: StudySpec, storage, study_name: str, setup: StudySetup):
         study = optuna.load_study(
             storage=storage, study_name=study_name, sampler=make["sampler"], pruner=make["pruner"]
         )
+    check_space_unchanged(spec, study, components)
     stored = study.user_attrs.get(STUDY_SETUP)
     if stored is not None:
         differences = [
@@ -255,6 +256,53 @@ def open_study(spec: StudySpec, storage, study_name: str, setup: StudySetup):
                 hint="run it with the same options, or give --study-name for a new study",
             )
     return study, False
+
+
+class RecordingTrial:
+    """Stands in for a trial to learn which distributions a study's space asks for."""
+
+    def __init__(self):
+        self.distributions = {}
+
+    def suggest_categorical(self, name, choices):
+        self.distributions[name] = optuna.distributions.CategoricalDistribution(choices)
+        return self.distributions[name].choices[0]
+
+    def suggest_int(self, name, low, high, *, step=1, log=False):
+        self.distributions[name] = optuna.distributions.IntDistribution(low, high, log, step)
+        return low
+
+    def suggest_float(self, name, low, high, *, step=None, log=False):
+        self.distributions[name] = optuna.distributions.FloatDistribution(low, high, log, step)
+        return low
+
+
+def check_space_unchanged(spec: StudySpec, study: optuna.Study, components) -> None:
+    """Refuse to resume a study whose space now asks for other distributions than its trials
+    were drawn from: choices taken from the registry change when a plugin is installed or
+    removed, and every further trial would fail on it (or, with some samplers, be drawn from
+    a space the earlier trials never saw)."""
+    recorder = RecordingTrial()
+    try:
+        spec.space(recorder, components)
+    except Exception:  # a space that needs more of a trial than this stand-in has
+        return  # the trials themselves then tell, and stop the study
+    for trial in study.get_trials(deepcopy=False):
+        for name, old in trial.distributions.items():
+            new = recorder.distributions.get(name)
+            if new is not None and new != old:
+                raise ConfigError(
+                    f"the choices of study {study.study_name!r} changed since it started: "
+                    f"{name} was {describe_distribution(old)}, is now "
+                    f"{describe_distribution(new)} (a plugin installed or removed?)",
+                    hint="give --study-name to start a new study with what is installed now",
+                )
+
+
+def describe_distribution(distribution) -> str:
+    if isinstance(distribution, optuna.distributions.CategoricalDistribution):
+        return "[" + ", ".join(map(str, distribution.choices)) + "]"
+    return repr(distribution)
 
 
 class TrialReporter:
@@ -314,7 +362,9 @@ def trial_bindings(spec: StudySpec, trial: optuna.Trial, components) -> list[str
     try:
         chosen = spec.space(trial, components)
     except ValueError as error:
-        if "dynamic value space" not in str(error):
+        # Optuna's words when a choice list differs from the study's: distributions for most
+        # samplers, the search space for the brute-force one.
+        if not any(m in str(error) for m in ("dynamic value space", "search_space mismatch")):
             raise
         # Choices drawn from the registry changed since the study began: every further
         # trial would fail the same way.
@@ -630,7 +680,7 @@ def run_study(
         )
 
     storage = open_storage(storage_url)
-    study, created = open_study(spec, storage, study_name, setup)
+    study, created = open_study(spec, storage, study_name, setup, components)
     try:
         parent_run_id = ensure_parent_run(study, storage, setup, created)
     except BaseException as error:

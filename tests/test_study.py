@@ -262,22 +262,43 @@ def test_a_bad_storage_url_is_a_tarflow_error(tmp_path, shakespeare, components)
         studies.run_study(str(path), "nosuchdialect://x", track=False)
 
 
-def test_a_study_stops_when_registry_choices_changed(
-    tmp_path, shakespeare, components, monkeypatch
+@pytest.mark.parametrize("sampler", ["TPESampler(seed=0)", "BruteForceSampler(seed=0)"])
+def test_a_study_whose_registry_choices_changed_is_refused_before_any_trial(
+    tmp_path, shakespeare, components, monkeypatch, sampler
 ):
-    space = """
+    space = f"""
 import os
 
 
 def space(trial, registry):
     names = ["affine", "mixture"] + (["added"] if os.environ.get("TARFLOW_TEST_ADDED") else [])
-    return {"build_model.couplings": [trial.suggest_categorical("coupling", names)] * 2}
+    return {{"build_model.couplings": [trial.suggest_categorical("coupling", names)] * 2}}
+
+
+def sampler():
+    return optuna.samplers.{sampler}
 """
     path = write_study(tmp_path, shakespeare, space)
     run = dict(storage_url=storage_url(tmp_path), track=False, output_dir=str(tmp_path / "runs"))
     studies.run_study(str(path), trials=1, **run)
 
     monkeypatch.setenv("TARFLOW_TEST_ADDED", "1")  # as if a plugin had been installed
+    with pytest.raises(ConfigError, match=r"coupling was \[affine, mixture\], is now"):
+        studies.run_study(str(path), trials=3, **run)
+
+    assert [t.state for t in load(tmp_path).trials] == [TrialState.COMPLETE]
+
+
+def test_a_space_that_changes_under_a_trial_stops_the_study(tmp_path, shakespeare, components):
+    # A space the stand-in trial cannot read is left to the trials, which stop the study.
+    space = """
+def space(trial, registry):
+    names = ["affine", "mixture"] + (["added"] if trial.number > 0 else [])
+    return {"build_model.couplings": [trial.suggest_categorical("coupling", names)] * 2}
+"""
+    path = write_study(tmp_path, shakespeare, space)
+    run = dict(storage_url=storage_url(tmp_path), track=False, output_dir=str(tmp_path / "runs"))
+
     studies.run_study(str(path), trials=3, **run)
 
     trials = load(tmp_path).trials
