@@ -37,6 +37,7 @@ class MaskedChannelHead(nn.Module):
 
         # Hidden unit j may read channels < degree[j]; output i may read units of degree <= i.
         degree = torch.arange(hidden) % dim
+        self.register_buffer("degree", degree, persistent=False)
         self.register_buffer("in_mask", (torch.arange(dim) < degree[:, None]).float())
         out_degree = torch.arange(dim).repeat_interleave(params_per_channel)
         self.register_buffer("out_mask", (degree[None, :] <= out_degree[:, None]).float())
@@ -61,12 +62,25 @@ class MaskedChannelHead(nn.Module):
 
     def context_part(self, ctx):
         """The terms of `forward` that depend on ctx alone, and the masked weights."""
-        return (
-            self.from_context(ctx),
-            self.out.bias + self.context_out(ctx),
-            (self.from_channels.weight * self.in_mask).T,
-            (self.out.weight * self.out_mask).T,
-        )
+        return (*self.context_terms(ctx), *self.masked_weights())
+
+    def context_terms(self, ctx):
+        return self.from_context(ctx), self.out.bias + self.context_out(ctx)
+
+    def masked_weights(self):
+        return (self.from_channels.weight * self.in_mask).T, (self.out.weight * self.out_mask).T
+
+    def kernel_weights(self) -> tuple:
+        """The masked weights as the compiled inverse takes them, remade only when a weight
+        changed (an optimiser step or a load bumps its version) or moved."""
+        weights = (self.from_channels.weight, self.out.weight)
+        key = tuple((w.data_ptr(), w._version, w.dtype) for w in weights)
+        cached = getattr(self, "_kernel_weights", None)
+        if cached is None or cached[0] != key:
+            with torch.no_grad():
+                prepared = kernels.masked_head_weights(*self.masked_weights(), self.degree)
+            self._kernel_weights = cached = (key, prepared)
+        return cached[1]
 
 
 class MixtureCDFCoupling(Coupling):
@@ -129,13 +143,19 @@ class MixtureCDFCoupling(Coupling):
         return u, log_derivative.flatten(1).sum(-1)
 
     def inverse(self, u, ctx):
+        if self.compiled_inverse and kernels.usable_for(u, ctx):
+            return kernels.invert_masked_mixture(
+                u,
+                *self.head.context_terms(ctx),
+                self.head.kernel_weights(),
+                self.num_components,
+                self.family == "gaussian",
+                self.max_log_scale,
+            )
+
         # Every channel is solved at once, its mixture recomputed from the current guess; the
         # head's context terms are the same throughout, so they are computed once.
         context = self.head.context_part(ctx)
-        if self.compiled_inverse and kernels.usable_for(u, ctx):
-            return kernels.invert_masked_mixture(
-                u, *context, self.num_components, self.family == "gaussian", self.max_log_scale
-            )
         return solve_normal_to_mixture(
             u,
             lambda h: self._mixture(h, ctx, context),

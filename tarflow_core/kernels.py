@@ -5,7 +5,9 @@ after channel, since the mixture of channel i depends on the solved channels bef
 PyTorch each step of that search is dozens of tiny tensor operations whose dispatch costs more
 than their arithmetic, so sampling would run at a tenth of the speed of the AR baseline. Here
 the whole position (the coupling's head, the weight updates and every Newton step) is one
-compiled loop per row, run in float64 whatever the input's dtype.
+compiled loop over the rows, run in float64 whatever the input's dtype. It runs on one thread:
+a numba thread pool beside torch's slowed torch's own small operations (the transformer
+steps between positions) by more than it gained here.
 
 The PyTorch solver in `tarflow_core.special` stays the reference: the tests hold these kernels
 to it, and a coupling falls back to it off the CPU, under autograd, or when asked to.
@@ -41,16 +43,6 @@ def _jit(function):
     return numba.njit(cache=True, nogil=True, error_model="numpy")(function)
 
 
-def _jit_rows(function):
-    """As `_jit`, with the rows of a batch spread over numba's threads."""
-    if numba is None:  # pragma: no cover
-        return function
-    return numba.njit(cache=True, nogil=True, error_model="numpy", parallel=True)(function)
-
-
-prange = numba.prange if numba is not None else range
-
-
 @_jit
 def _log_sigmoid(t):
     if t >= 0:
@@ -77,7 +69,7 @@ def _log_ndtr(z):
 
 
 @_jit
-def _residual(x, lower, log_target_cdf, log_target_sf, log_weights, loc, log_scale, gaussian):
+def _residual(x, lower, log_target_cdf, log_target_sf, log_weights, loc, inverse_scale, gaussian):
     """g, increasing in x and zero at the root, and its slope: as `special._residual`."""
     # One pass: a running log-sum-exp of the weighted tails, and beside it the tails' own
     # slopes weighted alike (the slope of log(tail) is the density over the tail).
@@ -85,15 +77,20 @@ def _residual(x, lower, log_target_cdf, log_target_sf, log_weights, loc, log_sca
     total = 0.0
     weighted_hazard = 0.0
     for k in range(log_weights.shape[0]):
-        inverse_scale = math.exp(-log_scale[k])
-        z = (x - loc[k]) * inverse_scale
+        z = (x - loc[k]) * inverse_scale[k]
         t = z if lower else -z
         if gaussian:
             tail = _log_ndtr(t)
-            hazard = math.exp(-0.5 * t * t - LOG_SQRT_2PI - tail) * inverse_scale
+            hazard = math.exp(-0.5 * t * t - LOG_SQRT_2PI - tail) * inverse_scale[k]
         else:
-            tail = _log_sigmoid(t)
-            hazard = math.exp(_log_sigmoid(-t)) * inverse_scale
+            # log sigmoid(t) and sigmoid(-t), both from e = exp(-|t|).
+            e = math.exp(-abs(t))
+            if t >= 0.0:
+                tail = -math.log1p(e)
+                hazard = e / (1.0 + e) * inverse_scale[k]
+            else:
+                tail = t - math.log1p(e)
+                hazard = inverse_scale[k] / (1.0 + e)
         weighted = log_weights[k] + tail
         if weighted == -np.inf:
             continue
@@ -113,49 +110,89 @@ def _residual(x, lower, log_target_cdf, log_target_sf, log_weights, loc, log_sca
     return log_target_sf - log_mixture_tail, slope
 
 
+# Below this, a mixture's tail is summed in log space: linear sums could lose terms to
+# underflow that matter at the sum's own scale.
+LINEAR_TAIL_FLOOR = 1e-280
+
+
 @_jit
-def _solve(u, log_target_cdf, log_target_sf, log_weights, loc, log_scale, gaussian, start, eps):
+def _residual_fast(
+    x, lower, log_target_cdf, log_target_sf, weights, log_weights, loc, inverse_scale, gaussian
+):
+    """`_residual` from sums of the tails themselves (one exp, or one erfc and one exp, per
+    component instead of three or four), falling back to log space far out in a tail."""
+    tail_sum = 0.0
+    density_sum = 0.0
+    for k in range(weights.shape[0]):
+        z = (x - loc[k]) * inverse_scale[k]
+        t = z if lower else -z
+        if gaussian:
+            tail = 0.5 * math.erfc(-t * SQRT_HALF)
+            density = math.exp(-0.5 * t * t - LOG_SQRT_2PI)
+        else:
+            e = math.exp(-abs(t))
+            inverse_one_plus = 1.0 / (1.0 + e)
+            tail = inverse_one_plus if t >= 0.0 else e * inverse_one_plus
+            density = e * inverse_one_plus * inverse_one_plus
+        tail_sum += weights[k] * tail
+        density_sum += weights[k] * density * inverse_scale[k]
+    if not tail_sum > LINEAR_TAIL_FLOOR:
+        return _residual(
+            x, lower, log_target_cdf, log_target_sf, log_weights, loc, inverse_scale, gaussian
+        )
+    log_mixture_tail = math.log(tail_sum)
+    slope = density_sum / tail_sum
+    if lower:
+        return log_mixture_tail - log_target_cdf, slope
+    return log_target_sf - log_mixture_tail, slope
+
+
+@_jit
+def _solve(u, log_weights, loc, log_scale, gaussian, start, eps):
     """x with Phi^-1(F(x)) = u for one 1-D mixture, by safeguarded Newton in its bracket."""
+    log_target_cdf, log_target_sf = _log_ndtr(u), _log_ndtr(-u)
     lower = u <= 0.0
     target = log_target_cdf if lower else log_target_sf
     g_tolerance = math.sqrt(eps) * (1.0 + abs(target))
 
-    # The root lies between the components' own quantiles at the target level; rounding can
-    # put it just outside, so the ends move out until they hold it.
+    # The root lies between the components' own quantiles at the target level.
     standard_quantile = u if gaussian else log_target_cdf - log_target_sf
     lo, hi = np.inf, -np.inf
-    for k in range(log_weights.shape[0]):
-        quantile = loc[k] + math.exp(log_scale[k]) * standard_quantile
+    K = log_weights.shape[0]
+    inverse_scale = np.empty(K)
+    weights = np.empty(K)
+    for k in range(K):
+        weights[k] = math.exp(log_weights[k])
+        scale = math.exp(log_scale[k])
+        inverse_scale[k] = 1.0 / scale
+        quantile = loc[k] + scale * standard_quantile
         lo = min(lo, quantile)
         hi = max(hi, quantile)
+    # Rounding can put the root just outside; the ends are checked only if the search closes
+    # in on one it has not evaluated (two evaluations saved on nearly every solve).
+    lo_checked = hi_checked = False
     stride = max(hi - lo, 1.0)
-    for _ in range(64):
-        g_lo, _ = _residual(
-            lo, lower, log_target_cdf, log_target_sf, log_weights, loc, log_scale, gaussian
-        )
-        if g_lo <= 0.0:
-            break
-        hi, lo, stride = lo, lo - stride, 2.0 * stride
-    for _ in range(64):
-        g_hi, _ = _residual(
-            hi, lower, log_target_cdf, log_target_sf, log_weights, loc, log_scale, gaussian
-        )
-        if g_hi >= 0.0:
-            break
-        lo, hi, stride = hi, hi + stride, 2.0 * stride
 
     x = 0.5 * (lo + hi) if math.isnan(start) else min(max(start, lo), hi)
     older_step = last_step = hi - lo
     for _ in range(MAX_STEPS):
-        g, slope = _residual(
-            x, lower, log_target_cdf, log_target_sf, log_weights, loc, log_scale, gaussian
+        g, slope = _residual_fast(
+            x,
+            lower,
+            log_target_cdf,
+            log_target_sf,
+            weights,
+            log_weights,
+            loc,
+            inverse_scale,
+            gaussian,
         )
         if g == 0.0:
             return x
         if g > 0.0:
-            hi = x
+            hi, hi_checked = x, True
         else:
-            lo = x
+            lo, lo_checked = x, True
 
         # A Newton step inside the bracket and under half the step before last; otherwise
         # bisect, which breaks the cycles Newton can fall into.
@@ -169,10 +206,84 @@ def _solve(u, log_target_cdf, log_target_sf, log_weights, loc, log_scale, gaussi
         if abs(newton_step) <= rounding and abs(g) <= g_tolerance:
             return x
         if hi - lo <= rounding:
-            return new_x
+            if lo_checked and hi_checked:
+                return new_x
+            # Closed on an end never evaluated: move it out until the root is inside.
+            if not lo_checked:
+                lo, hi, lo_checked, hi_checked = _widen(
+                    lo,
+                    hi,
+                    -stride,
+                    lower,
+                    log_target_cdf,
+                    log_target_sf,
+                    weights,
+                    log_weights,
+                    loc,
+                    inverse_scale,
+                    gaussian,
+                )
+            else:
+                lo, hi, lo_checked, hi_checked = _widen(
+                    lo,
+                    hi,
+                    stride,
+                    lower,
+                    log_target_cdf,
+                    log_target_sf,
+                    weights,
+                    log_weights,
+                    loc,
+                    inverse_scale,
+                    gaussian,
+                )
+            new_x = 0.5 * (lo + hi)
+            older_step = hi - lo
         older_step, last_step = last_step, abs(new_x - x)
         x = new_x
     return x
+
+
+@_jit
+def _widen(
+    lo,
+    hi,
+    stride,
+    lower,
+    log_target_cdf,
+    log_target_sf,
+    weights,
+    log_weights,
+    loc,
+    inverse_scale,
+    gaussian,
+):
+    """Move the unchecked end of [lo, hi] (below for a negative stride, above otherwise) out,
+    doubling the stride, until the root lies inside; the ends passed become the other end.
+    Returns (lo, hi, lo_checked, hi_checked)."""
+    for _ in range(64):
+        end = lo if stride < 0.0 else hi
+        g, _ = _residual_fast(
+            end,
+            lower,
+            log_target_cdf,
+            log_target_sf,
+            weights,
+            log_weights,
+            loc,
+            inverse_scale,
+            gaussian,
+        )
+        if stride < 0.0:
+            if g <= 0.0:
+                return lo, hi, True, True
+            lo, hi = lo + stride, lo
+        else:
+            if g >= 0.0:
+                return lo, hi, True, True
+            lo, hi = hi, hi + stride
+        stride *= 2.0
+    return lo, hi, True, True
 
 
 @_jit
@@ -180,15 +291,15 @@ def _gelu(x):
     return 0.5 * x * (1.0 + math.erf(x * SQRT_HALF))
 
 
-@_jit_rows
+@_jit
 def _invert_masked_mixture(
     u,
-    log_target_cdf,
-    log_target_sf,
     hidden_context,
     out_context,
     w_in,
     w_out,
+    units,
+    units_up_to,
     num_components,
     gaussian,
     max_log_scale,
@@ -196,33 +307,40 @@ def _invert_masked_mixture(
 ):
     """Rows of u (N, D) through the inverse of a mixture coupling with a masked (MADE) head:
     hidden = hidden_context + h @ w_in, params = gelu(hidden) @ w_out + out_context, and channel
-    i's logits, locations and log scales are params[i * 3K : (i + 1) * 3K] in that order."""
+    i's logits, locations and log scales are params[i * 3K : (i + 1) * 3K] in that order.
+    `units` lists the hidden units by degree (unit j reads channels < its degree; w_in is zero
+    elsewhere) and `units_up_to[i]` counts those of degree <= i, which channel i's parameters
+    read (w_out is zero elsewhere)."""
     N, D = u.shape
     H = w_in.shape[1]
     K = num_components
     h = np.empty((N, D))
-    for n in prange(N):
+    for n in range(N):
         hidden = hidden_context[n].copy()
         activation = np.empty(H)
         params = np.empty(3 * K)
         log_weights = np.empty(K)
         log_scale = np.empty(K)
         for i in range(D):
-            # The head's output for channel i reads only channels < i, so the hidden units
-            # can take each channel in as soon as it is solved.
+            # Units sorted by degree: those of degree < i are final, those of degree i become
+            # final once channel i - 1 (the last they read) is taken in, and channel i reads
+            # all of degree <= i.
+            done = units_up_to[i - 1] if i > 0 else 0
             if i > 0:
-                for j in range(H):
+                for index in range(done, H):
+                    j = units[index]
                     hidden[j] += h[n, i - 1] * w_in[i - 1, j]
-            for j in range(H):
+            for index in range(done, units_up_to[i]):
+                j = units[index]
                 activation[j] = _gelu(hidden[j])
             first = i * 3 * K
             for p in range(3 * K):
                 params[p] = out_context[n, first + p]
-            for j in range(H):
+            for index in range(units_up_to[i]):
+                j = units[index]
                 a = activation[j]
-                if a != 0.0:
-                    for p in range(3 * K):
-                        params[p] += a * w_out[j, first + p]
+                for p in range(3 * K):
+                    params[p] += a * w_out[j, first + p]
 
             peak = -np.inf
             for k in range(K):
@@ -237,8 +355,6 @@ def _invert_masked_mixture(
 
             h[n, i] = _solve(
                 u[n, i],
-                log_target_cdf[n, i],
-                log_target_sf[n, i],
                 log_weights,
                 params[K : 2 * K],
                 log_scale,
@@ -249,14 +365,14 @@ def _invert_masked_mixture(
     return h
 
 
-@_jit_rows
-def _invert_isotropic_mixture(u, log_target_cdf, log_target_sf, log_pi, mean, log_scale, eps):
+@_jit
+def _invert_isotropic_mixture(u, log_pi, mean, log_scale, eps):
     """Rows of u (N, D) through the Rosenblatt inverse of sum_k pi_k N(mean_k, s_k^2 I): the
     weights of channel i are pi updated by the densities of the solved channels < i."""
     N, D = u.shape
     K = mean.shape[0]
     h = np.empty((N, D))
-    for n in prange(N):
+    for n in range(N):
         log_posterior = log_pi[n].copy()
         log_weights = np.empty(K)
         loc = np.empty(K)
@@ -275,8 +391,6 @@ def _invert_isotropic_mixture(u, log_target_cdf, log_target_sf, log_pi, mean, lo
             # No identity start here: a fresh mixture's root is best sought from the bracket.
             x = _solve(
                 u[n, i],
-                log_target_cdf[n, i],
-                log_target_sf[n, i],
                 log_weights,
                 loc,
                 log_scale,
@@ -299,40 +413,33 @@ def _matrix(tensor: torch.Tensor) -> np.ndarray:
     return np.ascontiguousarray(tensor.detach().to(torch.float64).numpy())
 
 
-def _targets(u_rows: np.ndarray):
-    u = torch.from_numpy(u_rows)
-    return (
-        torch.special.log_ndtr(u).numpy(),
-        torch.special.log_ndtr(-u).numpy(),
-    )
-
-
-def _use_torch_threads():
-    """Spread rows over as many threads as torch may use, so a `--threads` setting holds."""
-    numba.set_num_threads(max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)))
+def masked_head_weights(w_in, w_out, degree) -> tuple:
+    """What `invert_masked_mixture` needs of a masked head, made once for many calls: the
+    masked weights w_in (D, H) and w_out (H, D * 3K) in float64, and each hidden unit's
+    degree (it reads channels < degree; channel i reads units of degree <= i)."""
+    degree = degree.numpy().astype(np.int64)
+    units = np.ascontiguousarray(np.argsort(degree, kind="stable"))
+    units_up_to = np.searchsorted(degree[units], np.arange(w_in.shape[0]), side="right")
+    return _matrix(w_in), _matrix(w_out), units, np.ascontiguousarray(units_up_to, np.int64)
 
 
 def invert_masked_mixture(
     u,
     hidden_context,
     out_context,
-    w_in,
-    w_out,
+    head_weights: tuple,
     num_components: int,
     gaussian: bool,
     max_log_scale: float,
 ) -> torch.Tensor:
-    """The mixture coupling's inverse for u (..., D); contexts (..., H) and (..., D * 3K)."""
+    """The mixture coupling's inverse for u (..., D), given the head's context terms (..., H)
+    and (..., D * 3K) and its `masked_head_weights`."""
     D = u.shape[-1]
-    u_rows = _as_rows(u, D)
-    _use_torch_threads()
     h = _invert_masked_mixture(
-        u_rows,
-        *_targets(u_rows),
-        _as_rows(hidden_context, w_in.shape[1]),
+        _as_rows(u, D),
+        _as_rows(hidden_context, hidden_context.shape[-1]),
         _as_rows(out_context, out_context.shape[-1]),
-        _matrix(w_in),
-        _matrix(w_out),
+        *head_weights,
         num_components,
         gaussian,
         float(max_log_scale),
@@ -344,11 +451,8 @@ def invert_masked_mixture(
 def invert_isotropic_mixture(u, log_pi, mean, log_scale) -> torch.Tensor:
     """The discrete-equivalent coupling's inverse for u (..., D); log_pi (..., K)."""
     D = u.shape[-1]
-    u_rows = _as_rows(u, D)
-    _use_torch_threads()
     h = _invert_isotropic_mixture(
-        u_rows,
-        *_targets(u_rows),
+        _as_rows(u, D),
         _as_rows(log_pi, log_pi.shape[-1]),
         _matrix(mean),
         _matrix(log_scale),

@@ -85,13 +85,3 @@ def test_log_ndtr_matches_torch_from_tail_to_tail():
     compiled = torch.tensor([kernels._log_ndtr(float(v)) for v in z], dtype=torch.float64)
 
     torch.testing.assert_close(compiled, torch.special.log_ndtr(z), rtol=1e-13, atol=1e-300)
-
-
-def test_kernels_use_the_threads_torch_is_given():
-    previous = torch.get_num_threads()
-    try:
-        torch.set_num_threads(1)
-        kernels._use_torch_threads()
-        assert kernels.numba.get_num_threads() == 1
-    finally:
-        torch.set_num_threads(previous)

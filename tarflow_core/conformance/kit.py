@@ -7,6 +7,7 @@ new kind of check is one more `test_*` function here taking the kinds it needs a
 fills them in.
 """
 
+import contextlib
 import functools
 
 import pytest
@@ -98,16 +99,27 @@ def tied_encoder(factory, dim: int) -> dict:
 
 def make_coupling(name: str, dim: int) -> torch.nn.Module:
     factory = get("coupling", name)
-    return factory(dim, CONTEXT, **tied_encoder(factory, dim)).double()
+    with seeded_init():
+        return factory(dim, CONTEXT, **tied_encoder(factory, dim)).double()
 
 
 def make_flow(coupling: str, direction: str, conditioner: str, dim: int, positions: int):
     from tarflow_core.model import Flow
 
-    body = get("conditioner", conditioner)(dim, 1, positions)
-    factory = get("coupling", coupling)
-    coupling_module = factory(dim, body.context_dim, **tied_encoder(factory, dim))
-    return Flow(get("direction", direction)(), body, coupling_module).double()
+    with seeded_init():
+        body = get("conditioner", conditioner)(dim, 1, positions)
+        factory = get("coupling", coupling)
+        coupling_module = factory(dim, body.context_dim, **tied_encoder(factory, dim))
+        return Flow(get("direction", direction)(), body, coupling_module).double()
+
+
+@contextlib.contextmanager
+def seeded_init(seed: int = 0):
+    """Build components from a fixed draw of torch's global generator, so that a component
+    with a random initialisation is the same one in every run and every test order."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield
 
 
 def draw(generator, *shape, scale=1.0):
