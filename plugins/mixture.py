@@ -101,6 +101,11 @@ class MixtureCDFCoupling(Coupling):
             raise ValueError(f"family must be 'logistic' or 'gaussian', not {family!r}")
         if num_components < 1:
             raise ValueError(f"num_components must be at least 1, not {num_components}")
+        if hidden < 1 or not max_log_scale > 0:
+            raise ValueError(
+                f"hidden must be at least 1 and max_log_scale positive, not {hidden} and "
+                f"{max_log_scale}"
+            )
         self.dim, self.context_dim = dim, context_dim
         self.num_components, self.family = num_components, family
         self.max_log_scale = max_log_scale

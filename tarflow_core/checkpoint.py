@@ -190,7 +190,8 @@ def read_manifest(folder: Path, allow_legacy: bool = False) -> dict:
     return manifest
 
 
-def _check_shapes(manifest: dict, model, folder: Path) -> None:
+def check_shapes(manifest: dict, model, folder: Path) -> None:
+    """Refuse a checkpoint whose tensors are not this model's, naming the first difference."""
     saved, here = manifest.get("parameters", {}), parameter_shapes(model)
     missing = sorted(set(here) - set(saved))
     unexpected = sorted(set(saved) - set(here))
@@ -222,7 +223,7 @@ def load_weights(folder: Path, model) -> dict:
         folder = find(folder) or folder
     manifest = read_manifest(folder, allow_legacy=True)
     if not manifest.get("legacy"):
-        _check_shapes(manifest, model, folder)
+        check_shapes(manifest, model, folder)
     try:
         load_model(model, str(folder / WEIGHTS), strict=True)
     except (SafetensorError, RuntimeError, OSError) as error:

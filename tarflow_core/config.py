@@ -100,9 +100,10 @@ def build_experiment(registry) -> Experiment:
         model = build_configured_model(
             run_config, corpus.vocab_size, train_config.seq_len, registry
         )
-    except (ValueError, TypeError, ZeroDivisionError) as error:
-        # Components refuse bad settings with plain exceptions; gin appends its call chain on
-        # later lines, which say nothing to the user.
+    except (ValueError, TypeError, ArithmeticError, RuntimeError) as error:
+        # Components refuse bad settings with plain exceptions (torch's own, for impossible
+        # shapes, are RuntimeErrors); gin appends its call chain on later lines, which say
+        # nothing to the user.
         first = str(error).strip().splitlines()[0] if str(error).strip() else ""
         raise ConfigError(
             f"invalid configuration: {type(error).__name__}: {first}",

@@ -384,7 +384,17 @@ def build_model(
             f"sequence length {seq_len} is not a multiple of patch size {patch_size}",
             hint="choose a patch size that divides the sequence length",
         )
+    if latent_dim < 1:
+        raise ConfigError(
+            f"build_model.latent_dim must be at least 1, not {latent_dim}",
+            hint="the paper uses 5 to 16 channels per token; the gin files use LATENT_DIM = 8",
+        )
     depths = _per_flow(layers_per_flow, count, "build_model.layers_per_flow")
+    if any(depth < 1 for depth in depths):
+        raise ConfigError(
+            f"build_model.layers_per_flow must be at least 1 for every flow, not {depths}",
+            hint="every flow needs a conditioner with one transformer layer or more",
+        )
     options = _per_flow(coupling_options or {}, count, "build_model.coupling_options")
 
     the_encoder = make_encoder(vocab_size, latent_dim)

@@ -31,7 +31,7 @@ from optuna.trial import TrialState
 from tarflow_core import config, registry
 from tarflow_core.errors import ConfigError, DataError, TarflowError
 from tarflow_core.hookspecs import hookimpl
-from tarflow_core.tracking import check_existing_store, check_reachable
+from tarflow_core.tracking import check_existing_store, check_reachable, refuse_file_store
 from tarflow_core.train import run_experiment
 
 logger = logging.getLogger(__name__)
@@ -136,6 +136,19 @@ def load_study_spec(name: str) -> StudySpec:
                 f"{type(getattr(module, function)).__name__}, not a function",
                 hint=f"define it as def {function}(...): see the study files in studies/",
             )
+    trials = getattr(module, "TRIALS", 8)
+    timeout = getattr(module, "TIMEOUT_SECONDS", None)
+    if not (isinstance(trials, int) and trials >= 1):
+        raise ConfigError(
+            f"TRIALS in study file {str(path)!r} is {trials!r}, not a whole number of trials",
+            hint="write e.g. TRIALS = 8",
+        )
+    if timeout is not None and not (isinstance(timeout, int | float) and timeout > 0):
+        raise ConfigError(
+            f"TIMEOUT_SECONDS in study file {str(path)!r} is {timeout!r}, not a positive "
+            "number of seconds",
+            hint="write e.g. TIMEOUT_SECONDS = 3600, or None for no limit",
+        )
     return StudySpec(
         name=path.stem,
         path=path,
@@ -143,8 +156,8 @@ def load_study_spec(name: str) -> StudySpec:
         gin_files=list(module.GIN_FILES),
         bindings=list(getattr(module, "BINDINGS", [])),
         space=module.space,
-        trials=int(getattr(module, "TRIALS", 8)),
-        timeout=getattr(module, "TIMEOUT_SECONDS", None),
+        trials=trials,
+        timeout=timeout,
         sampler=getattr(module, "sampler", default_sampler),
         pruner=getattr(module, "pruner", default_pruner),
         report_params=list(getattr(module, "REPORT_PARAMS", [])),
@@ -675,6 +688,7 @@ def run_study(
     check_corpus_loads()
     check_writable(Path(setup.output_dir))
     if track:
+        refuse_file_store(tracking_uri)
         check_reachable(
             tracking_uri, hint="start the server, fix --tracking-uri or give --no-track"
         )

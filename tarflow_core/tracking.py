@@ -1,5 +1,6 @@
 """Checks on an MLflow tracking URI that fail in seconds, before MLflow retries for minutes."""
 
+import os
 import socket
 import urllib.parse
 from pathlib import Path
@@ -8,8 +9,12 @@ from tarflow_core.errors import TarflowError
 
 
 def check_reachable(uri: str, hint: str, timeout: float = 5.0) -> None:
-    """Refuse an http(s) tracking server that does not answer a TCP connection in `timeout`."""
+    """Refuse an http(s) tracking server that does not answer a TCP connection in `timeout`,
+    and a SQLite store that cannot be opened for writing (MLflow would retry for minutes)."""
     parsed = urllib.parse.urlparse(uri)
+    if parsed.scheme == "sqlite":
+        check_writable_sqlite(uri, hint)
+        return
     if parsed.scheme not in ("http", "https"):
         return
     port = parsed.port or (443 if parsed.scheme == "https" else 80)
@@ -33,8 +38,39 @@ def check_existing_store(uri: str, hint: str) -> None:
     if parsed.scheme in ("http", "https"):
         check_reachable(uri, hint)
         return
+    refuse_file_store(uri)
+
+
+def refuse_file_store(uri: str) -> None:
+    """MLflow 3 keeps file stores (a folder of runs) only behind a flag; tarflow takes a
+    database or a server."""
+    parsed = urllib.parse.urlparse(uri)
     if parsed.scheme in ("", "file") or len(parsed.scheme) == 1:  # a path, or a drive letter
         raise TarflowError(
             f"{uri!r} is a file store; tarflow tracks to a database or a server",
             hint="give the store's URI, e.g. sqlite:///mlflow.db",
+        )
+
+
+def check_writable_sqlite(uri: str, hint: str) -> None:
+    """Refuse a SQLite file that cannot be written, or created where its folder stands."""
+    path = uri[len("sqlite:///") :] if uri.startswith("sqlite:///") else ""
+    if not path or path == ":memory:":
+        return
+    target = Path(path)
+    if target.exists():
+        if not target.is_file() or not os.access(target, os.R_OK | os.W_OK):
+            raise TarflowError(
+                f"MLflow store {uri!r} is not a file this user can write", hint=hint
+            )
+        folder = target.parent
+    else:
+        folder = target.parent
+        if not folder.is_dir():
+            raise TarflowError(f"MLflow store {uri!r}: no folder {str(folder)!r}", hint=hint)
+    # SQLite writes a journal beside the database, so the folder must be writable too.
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise TarflowError(
+            f"MLflow store {uri!r} cannot be written: the folder {str(folder)!r} is read-only",
+            hint=hint,
         )

@@ -1,5 +1,6 @@
 """Training, evaluation and sampling of a TarFlowLM: the loop behind the main job."""
 
+import contextlib
 import json
 import logging
 import math
@@ -14,6 +15,11 @@ from datetime import datetime
 from pathlib import Path
 
 import torch
+
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - Windows has no flock
+    fcntl = None
 
 from tarflow_core import checkpoint
 from tarflow_core.data import (
@@ -201,21 +207,30 @@ def stage_plan(config: TrainConfig) -> list[int]:
     return [sum(lengths[: i + 1]) for i in range(len(lengths))]
 
 
+def check_stages_fit(model, config: TrainConfig) -> None:
+    """Refuse progressive shares that do not give one stage per flow."""
+    if config.progressive_shares is None:
+        return
+    stages = len(config.stage_lengths())
+    flows = getattr(model, "flows", None)
+    if flows is None or len(flows) != stages:
+        raise ConfigError(
+            f"progressive_shares has {stages} stages but the model has "
+            f"{0 if flows is None else len(flows)} flows",
+            hint="give one share per flow, or set TrainConfig.progressive_shares = None",
+        )
+
+
 def enter_stage(model, config: TrainConfig, stage: int):
     """Freeze what a progressive stage must not change; return its optimiser and schedule.
 
     Stage 0 trains the first flow with the codebook (encoder, and the decoder tied to it);
     stage s > 0 trains flow s alone, on top of the frozen flows before it.
     """
+    check_stages_fit(model, config)
     lengths = config.stage_lengths()
     if config.progressive_shares is not None:
-        flows = getattr(model, "flows", None)
-        if flows is None or len(flows) != len(lengths):
-            raise ConfigError(
-                f"progressive_shares has {len(lengths)} stages but the model has "
-                f"{0 if flows is None else len(flows)} flows",
-                hint="give one share per flow, or set TrainConfig.progressive_shares = None",
-            )
+        flows = model.flows
         model.active_flows = stage + 1
         model.requires_grad_(False)
         flows[stage].requires_grad_(True)
@@ -529,9 +544,12 @@ def train(
     saved_state = _restore(checkpoint_dir, model, config, ctx) if resume else None
     if saved_state is None:
         done, stage, skipped, in_a_row, window = 0, 0, 0, 0, _new_window()
+        last_good = 0
     else:
         done, stage = saved_state["step"], saved_state["stage"]
         skipped, in_a_row = saved_state["skipped"], saved_state["skipped_in_a_row"]
+        # The last step whose update was applied (older checkpoints did not keep it).
+        last_good = saved_state.get("last_good_step", done)
         window = saved_state["window"]
         sampler.generator.set_state(saved_state["rng"]["data"])
         noise_generator.set_state(saved_state["rng"]["noise"])
@@ -552,6 +570,7 @@ def train(
             "stage": stage,
             "skipped": skipped,
             "skipped_in_a_row": in_a_row,
+            "last_good_step": last_good,
             "window": window,
             "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(),
@@ -598,6 +617,7 @@ def train(
                 if math.isfinite(loss_value) and math.isfinite(grad_norm):
                     optimizer.step()
                     in_a_row = 0
+                    last_good = step
                     window["loss"] += loss_value
                     window["count"] += 1
                     for key, value in parts.items():
@@ -621,9 +641,11 @@ def train(
                     error = NonFiniteStepsError(
                         f"training stopped at step {step}: {in_a_row} steps in a row had a "
                         f"non-finite loss or gradient; the checkpoint in {checkpoint_dir} "
-                        f"holds the weights of step {step - in_a_row}, the last good one",
+                        f"holds the weights after step {last_good}, the last update applied",
                         hint="lower TrainConfig.lr or TrainConfig.grad_clip, then continue "
-                        f"with --resume {run_dir} and a --bind that changes it",
+                        f"with --resume {run_dir} and a --bind that changes it; if no step "
+                        "succeeds after that either, the weights themselves are unusable (a "
+                        "finite but ruinous update): start a new run with the lower rate",
                     )
                     log({"train/skipped_steps": skipped}, step)
                     # A resumed run starts with a fresh allowance of skipped steps.
@@ -722,8 +744,38 @@ def _model_bindings(params: dict[str, str]) -> dict[str, str]:
     return resolved
 
 
-def _check_resumable(run_dir: Path, corpus: Corpus, params: dict[str, str]) -> dict:
-    """Refuse to resume a folder that is no run, or one whose model or data differ."""
+LOCK_FILE = ".lock"
+
+
+@contextlib.contextmanager
+def exclusive_use(run_dir: Path):
+    """Hold the run folder for this process: a second command that would train in it (a
+    resume while the run still goes on, say) is refused instead of writing over its files.
+    The lock is the operating system's, so it ends with the process, however it ends."""
+    if fcntl is None:  # pragma: no cover - not on this platform; the folder goes unguarded
+        yield
+        return
+    try:
+        handle = open(run_dir / LOCK_FILE, "a")
+    except OSError as error:
+        raise TarflowError(
+            f"cannot write to the run folder {str(run_dir)!r}: {error.strerror}",
+            hint="resume a run whose folder is writable (copy it somewhere writable)",
+        ) from None
+    with handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise TarflowError(
+                f"the run folder {str(run_dir)!r} is in use by another process",
+                hint="wait for that run to end (or stop it), then resume",
+            ) from None
+        yield
+
+
+def _check_resumable(run_dir: Path, corpus: Corpus, params: dict[str, str], model) -> dict:
+    """Refuse to resume a folder that is no run, one whose model or data differ, or one whose
+    checkpoint cannot carry this model on; before anything in the folder is touched."""
     record_path = run_dir / RUN_FILE
     if not run_dir.is_dir():
         raise CheckpointError(
@@ -753,15 +805,34 @@ def _check_resumable(run_dir: Path, corpus: Corpus, params: dict[str, str]) -> d
             "tokenizer.json: the text changed since the run started",
             hint="restore the corpus file the run was trained on, or start a new run",
         )
+
+    # The checkpoint is read as the resume will read it (the newest complete one, a save cut
+    # short between its renames included), so a refusal comes before the run's files or its
+    # tracked record change.
+    folder = run_dir / "checkpoint"
+    newest = checkpoint.find(folder)
+    if newest is None and folder.exists():
+        checkpoint.read_manifest(folder)  # refuses, saying what is wrong with it
+    if newest is not None:
+        checkpoint.check_shapes(checkpoint.read_manifest(newest), model, newest)
+        checkpoint.load_trainer_state(newest)
     return record
 
 
-def _prepare_run_dir(run: RunConfig, corpus, config_text, params, resume_dir) -> Path:
-    """The run folder, new or resumed, with its config, tokenizer and record written."""
+def _prepare_run_dir(run: RunConfig, corpus, config_text, params, resume_dir, model, lock):
+    """The run folder, new or resumed, locked for this process (`lock`, an ExitStack), with
+    its config, tokenizer and record written."""
     if resume_dir is not None:
         run_dir = Path(resume_dir)
-        record = _check_resumable(run_dir, corpus, params)
-        checkpoint.write_text_atomic(run_dir / "operative_config.gin", config_text)
+        record = _check_resumable(run_dir, corpus, params, model)
+        lock.enter_context(exclusive_use(run_dir))
+        try:
+            checkpoint.write_text_atomic(run_dir / "operative_config.gin", config_text)
+        except OSError as error:
+            raise TarflowError(
+                f"cannot write to the run folder {str(run_dir)!r}: {error.strerror}",
+                hint="resume a run whose folder is writable (copy it somewhere writable)",
+            ) from None
         record["params"] = params
         checkpoint.write_text_atomic(run_dir / RUN_FILE, json.dumps(record, indent=2))
         return run_dir
@@ -772,6 +843,7 @@ def _prepare_run_dir(run: RunConfig, corpus, config_text, params, resume_dir) ->
             f"cannot create a run folder under {run.output_dir!r}: {error.strerror}",
             hint="set RunConfig.output_dir to a writable folder",
         ) from None
+    lock.enter_context(exclusive_use(run_dir))
     checkpoint.write_text_atomic(run_dir / "operative_config.gin", config_text)
     save_tokenizer(corpus, run_dir / "tokenizer.json")
     record = {"name": run.name, "params": params}
@@ -779,12 +851,16 @@ def _prepare_run_dir(run: RunConfig, corpus, config_text, params, resume_dir) ->
     return run_dir
 
 
-def _shared_run_dir(run, corpus, config_text, params, resume_dir, ctx: Distributed) -> Path:
+def _shared_run_dir(
+    run, corpus, config_text, params, resume_dir, model, lock, ctx: Distributed
+) -> Path:
     """Rank 0 prepares the run folder; the others learn its path, or its error."""
     outcome: list = [None]
     if ctx.is_main:
         try:
-            outcome[0] = _prepare_run_dir(run, corpus, config_text, params, resume_dir)
+            outcome[0] = _prepare_run_dir(
+                run, corpus, config_text, params, resume_dir, model, lock
+            )
         except TarflowError as error:
             outcome[0] = error
     if ctx.world_size > 1:
@@ -832,8 +908,20 @@ def run_experiment(
     validation_windows(corpus.val_ids, config.seq_len)
     WindowSampler(corpus.train_ids, config.seq_len, config.batch_size, config.seed)
     check_world_size(config, ctx)
+    check_stages_fit(model, config)
     resumed = resume_dir is not None
-    run_dir = _shared_run_dir(run, corpus, config_text, params, resume_dir, ctx)
+    # Held until the run ends, so that no second command trains in the same folder.
+    with contextlib.ExitStack() as lock:
+        run_dir = _shared_run_dir(run, corpus, config_text, params, resume_dir, model, lock, ctx)
+        return _run_in(
+            run_dir, model, corpus, config, run, hook, config_text, params, progress, resumed, ctx
+        )
+
+
+def _run_in(
+    run_dir, model, corpus, config, run, hook, config_text, params, progress, resumed, ctx
+) -> dict:
+    """`run_experiment` once its run folder is ready and locked."""
     info = RunInfo(
         run.name,
         run_dir,

@@ -53,6 +53,20 @@ CASES = {
         ["RunConfig.track = True", "RunConfig.tracking_uri = 'http://127.0.0.1:9/'"],
         "cannot be reached",
     ),
+    "tracking database in a missing folder": (
+        ["RunConfig.track = True", "RunConfig.tracking_uri = 'sqlite:///{missing}/m.db'"],
+        "no folder",
+    ),
+    "no latent channels": (["LATENT_DIM = 0"], "latent_dim must be at least 1"),
+    "a flow without layers": (
+        ["build_model.layers_per_flow = [1, 0, 2]"],
+        "layers_per_flow must be at least 1",
+    ),
+    "a transformer without width": (["WIDTH = 0"], "width >= 1"),
+    "progressive stages that miss a flow": (
+        ["TrainConfig.progressive_shares = [0.5, 0.5]"],
+        "2 stages but the model has 3 flows",
+    ),
 }
 
 
@@ -143,3 +157,45 @@ def test_broken_plugins_are_named_and_the_rest_still_runs(broken_plugin_env, tmp
     assert "Traceback" not in result.stderr
     (run_dir,) = (tmp_path / "runs").iterdir()
     assert json.loads((run_dir / "run.json").read_text())["name"] == "mixture"
+
+
+def tiny_run(tmp_path, *bindings) -> Path:
+    runs = tmp_path / "runs"
+    args = ["--gin", "gin/mixture.gin", "--gin", "gin/runs/tiny.gin", "--threads", "1"]
+    args += ["--bind", f"RunConfig.output_dir = '{runs}'", "--bind", "STEPS = 6"]
+    for binding in bindings:
+        args += ["--bind", binding]
+    assert run.main(args) == 0
+    (run_dir,) = runs.iterdir()
+    return run_dir
+
+
+def folder_contents(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+
+
+def test_a_refused_resume_changes_nothing_in_the_run(tmp_path, capsys):
+    run_dir = tiny_run(tmp_path)
+    before = folder_contents(run_dir)
+
+    # seq_len is a training setting, but it shapes the model: the checkpoint says no.
+    code = run.main(["--resume", str(run_dir), "--bind", "TrainConfig.seq_len = 64"])
+
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and "was written by a different model" in err[-1]
+    assert folder_contents(run_dir) == before
+    assert run.main(["--resume", str(run_dir), "--threads", "1"]) == 0
+
+
+def test_a_run_folder_in_use_is_refused(tmp_path, capsys):
+    from tarflow_core.train import exclusive_use
+
+    run_dir = tiny_run(tmp_path)
+    before = folder_contents(run_dir)
+
+    with exclusive_use(run_dir):  # as a run still training in it would
+        code = run.main(["--resume", str(run_dir), "--threads", "1"])
+
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and "is in use by another process" in err[-1]
+    assert folder_contents(run_dir) == before

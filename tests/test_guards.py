@@ -113,7 +113,7 @@ def test_a_streak_of_bad_steps_stops_with_a_usable_checkpoint(
     corpus, train_config, model = build(
         components, shakespeare, ["STEPS = 20", "TrainConfig.max_consecutive_skips = 3"]
     )
-    poison(monkeypatch, bad_steps={2, 7, 8, 9, 10, 11})
+    poison(monkeypatch, bad_steps={2, 7, 8, 9, 10, 11, 12})
     hook, weights = snapshots_by_step(model)
 
     with pytest.raises(NonFiniteStepsError) as caught:
@@ -121,7 +121,8 @@ def test_a_streak_of_bad_steps_stops_with_a_usable_checkpoint(
 
     assert isinstance(caught.value, TarflowError)
     message = caught.value.one_line()
-    assert "stopped at step 9: 3 steps in a row" in message and "step 6, the last good" in message
+    assert "stopped at step 9: 3 steps in a row" in message
+    assert "after step 6, the last update applied" in message
     assert "hint: lower TrainConfig.lr" in message and "--resume" in message
     assert hook.metrics[-1] == (9, {"train/skipped_steps": 4})
 
@@ -132,6 +133,12 @@ def test_a_streak_of_bad_steps_stops_with_a_usable_checkpoint(
         assert torch.equal(value, weights[6][name]), name
     state = checkpoint.load_trainer_state(tmp_path / "checkpoint")
     assert state["skipped"] == 4 and state["skipped_in_a_row"] == 0
+
+    # Resumed, and still failing at once: the message still names the last update applied.
+    with pytest.raises(NonFiniteStepsError) as again:
+        train.train(fresh, corpus, train_config, hook, tmp_path, resume=True)
+    assert "stopped at step 12" in again.value.one_line()
+    assert "after step 6, the last update applied" in again.value.one_line()
 
 
 # Mixture inverse at the extremes: |u| up to 40, weights near 0 and 1, scales at the clamps

@@ -463,3 +463,14 @@ def test_a_trial_started_past_the_total_is_surplus_and_not_counted():
     racing.set_user_attr("reason", studies.SURPLUS)
     study.tell(racing, state=TrialState.PRUNED)
     assert studies.counted_trials(study) == 2
+
+
+@pytest.mark.parametrize(
+    "line, message",
+    [("TRIALS = 'two'", "TRIALS in study file"), ("TIMEOUT_SECONDS = 0", "TIMEOUT_SECONDS in")],
+)
+def test_a_study_file_with_a_bad_budget_is_refused(tmp_path, shakespeare, line, message):
+    path = write_study(tmp_path, shakespeare, LR_SPACE + "\n" + line + "\n")
+
+    with pytest.raises(ConfigError, match=message):
+        studies.load_study_spec(str(path))
