@@ -442,6 +442,14 @@ def sample_run(args) -> tuple[Generation, Path]:
         }
         if generation.prompt_used not in (None, args.prompt):
             settings["prompt as used"] = repr(generation.prompt_used)
+        model = finished.model
+        if args.prompt and hasattr(model, "prompts_exactly"):
+            positions = length // getattr(model, "patch_size", 1)
+            settings["prompting"] = (
+                "exact (every flow reads left to right)"
+                if model.prompts_exactly(positions)
+                else f"approximate: refined by replacement over {args.prompt_rounds} rounds"
+            )
         render = html_report if report_format == "html" else markdown_report
         write_report(report_path, render(generation, f"Samples from {run_dir.name}", settings))
     if run_id is not None:

@@ -257,6 +257,8 @@ def test_sample_command_takes_an_mlflow_run_id(finished_run, capsys, tmp_path, m
     assert out.split("--- after flow 0")[1].split("\n")[1].startswith("ROMEO:")
     logged = mlflow.MlflowClient(tracking).list_artifacts(run_id, "generations")
     assert any(item.path.endswith(".html") for item in logged)
+    (report,) = (run_dir / "generations").glob("*.html")
+    assert "approximate: refined by replacement over 3 rounds" in report.read_text()
 
     # With the local folder gone, the artifacts are downloaded from MLflow for the command
     # alone, and the report stays in the working directory.
