@@ -104,10 +104,10 @@ class CausalTransformer(nn.Module):
         mlp_ratio: int = 4,
         dropout: float = 0.0,
     ):
-        if width < 1 or num_heads < 1 or width % num_heads or mlp_ratio < 1:
+        if width < 1 or num_heads < 1 or mlp_ratio < 1:
             raise ValueError(
-                f"a transformer needs width >= 1 split evenly over num_heads >= 1 and "
-                f"mlp_ratio >= 1, not width {width}, num_heads {num_heads}, mlp_ratio {mlp_ratio}"
+                f"a transformer needs width >= 1, num_heads >= 1 and mlp_ratio >= 1, not width "
+                f"{width}, num_heads {num_heads}, mlp_ratio {mlp_ratio}"
             )
         super().__init__()
         self.max_len = max_len
