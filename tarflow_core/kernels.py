@@ -149,7 +149,8 @@ def _residual_fast(
 
 @_jit
 def _solve(u, log_weights, loc, log_scale, gaussian, start, eps):
-    """x with Phi^-1(F(x)) = u for one 1-D mixture, by safeguarded Newton in its bracket."""
+    """x with Phi^-1(F(x)) = u for one 1-D mixture, by safeguarded Newton in its bracket,
+    from `start` or (NaN) from the quantile of a normal with the mixture's moments."""
     log_target_cdf, log_target_sf = _log_ndtr(u), _log_ndtr(-u)
     lower = u <= 0.0
     target = log_target_cdf if lower else log_target_sf
@@ -173,7 +174,16 @@ def _solve(u, log_weights, loc, log_scale, gaussian, start, eps):
     lo_checked = hi_checked = False
     stride = max(hi - lo, 1.0)
 
-    x = 0.5 * (lo + hi) if math.isnan(start) else min(max(start, lo), hi)
+    if math.isnan(start):
+        # The normal with the mixture's mean and variance, at the target level: close to the
+        # root when the components overlap, and inside the bracket after clamping.
+        mean = second = 0.0
+        spread = 1.0 if gaussian else math.pi**2 / 3.0
+        for k in range(K):
+            mean += weights[k] * loc[k]
+            second += weights[k] * (loc[k] ** 2 + spread / inverse_scale[k] ** 2)
+        start = mean + math.sqrt(max(second - mean**2, 0.0)) * u
+    x = min(max(start, lo), hi)
     older_step = last_step = hi - lo
     for _ in range(MAX_STEPS):
         g, slope = _residual_fast(
@@ -359,7 +369,7 @@ def _invert_masked_mixture(
                 params[K : 2 * K],
                 log_scale,
                 gaussian,
-                u[n, i],
+                np.nan,
                 eps,
             )
     return h
@@ -388,7 +398,6 @@ def _invert_isotropic_mixture(u, log_pi, mean, log_scale, eps):
                 log_weights[k] = log_posterior[k] - log_total
                 loc[k] = mean[k, i]
 
-            # No identity start here: a fresh mixture's root is best sought from the bracket.
             x = _solve(
                 u[n, i],
                 log_weights,
