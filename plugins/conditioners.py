@@ -9,7 +9,7 @@ from torch import nn
 
 from tarflow_core.hookspecs import hookimpl
 from tarflow_core.interfaces import Conditioner
-from tarflow_core.transformer import CausalTransformer
+from tarflow_core.transformer import CausalTransformer, check_sizes
 
 
 class CausalTransformerConditioner(Conditioner):
@@ -24,6 +24,7 @@ class CausalTransformerConditioner(Conditioner):
         dropout: float = 0.0,
     ):
         super().__init__()
+        check_sizes(width, num_heads, mlp_ratio)
         self.context_dim = width
         self.embed = nn.Linear(dim, width)
         self.start = nn.Parameter(torch.randn(width) * 0.02)

@@ -1,7 +1,7 @@
 """Checks on an MLflow tracking URI that fail in seconds, before MLflow retries for minutes."""
 
-import os
 import socket
+import tempfile
 import urllib.parse
 from pathlib import Path
 
@@ -53,24 +53,24 @@ def refuse_file_store(uri: str) -> None:
 
 
 def check_writable_sqlite(uri: str, hint: str) -> None:
-    """Refuse a SQLite file that cannot be written, or created where its folder stands."""
+    """Refuse a SQLite file that cannot be written, or created where its folder stands. The
+    folder is tried with a real file: permission bits say nothing to root, and nothing of a
+    read-only mount."""
     path = uri[len("sqlite:///") :] if uri.startswith("sqlite:///") else ""
     if not path or path == ":memory:":
         return
     target = Path(path)
-    if target.exists():
-        if not target.is_file() or not os.access(target, os.R_OK | os.W_OK):
-            raise TarflowError(
-                f"MLflow store {uri!r} is not a file this user can write", hint=hint
-            )
-        folder = target.parent
-    else:
-        folder = target.parent
-        if not folder.is_dir():
-            raise TarflowError(f"MLflow store {uri!r}: no folder {str(folder)!r}", hint=hint)
-    # SQLite writes a journal beside the database, so the folder must be writable too.
-    if not os.access(folder, os.W_OK | os.X_OK):
+    folder = target.parent
+    if not folder.is_dir():
+        raise TarflowError(f"MLflow store {uri!r}: no folder {str(folder)!r}", hint=hint)
+    try:
+        if target.exists():
+            with open(target, "r+b"):
+                pass
+        # SQLite writes a journal beside the database, so the folder must take files too.
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as error:
         raise TarflowError(
-            f"MLflow store {uri!r} cannot be written: the folder {str(folder)!r} is read-only",
-            hint=hint,
-        )
+            f"MLflow store {uri!r} cannot be written: {error.strerror or error}", hint=hint
+        ) from None

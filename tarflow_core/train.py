@@ -496,6 +496,23 @@ def _step_scheduler(scheduler) -> None:
         scheduler.step()
 
 
+def apply_settings(optimizer, scheduler, config: TrainConfig) -> None:
+    """Make a restored optimiser and schedule follow this run's rate and weight decay.
+
+    Their saved states hold the settings they were built with, which would quietly win over a
+    `--bind "TrainConfig.lr = ..."` given to a resume; the moments and the step count stay.
+    With unchanged settings this changes nothing.
+    """
+    decays = [config.weight_decay, 0.0]  # the groups of make_optimizer, in its order
+    for group, decay in zip(optimizer.param_groups, decays, strict=True):
+        group["initial_lr"] = config.lr
+        group["weight_decay"] = decay
+    scheduler.base_lrs = [config.lr] * len(optimizer.param_groups)
+    for group, factor in zip(optimizer.param_groups, scheduler.lr_lambdas, strict=True):
+        group["lr"] = config.lr * factor(scheduler.last_epoch)
+    scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
+
+
 def _settings_changed(saved: dict, config: TrainConfig) -> list[str]:
     current = asdict(config)
     return [
@@ -560,6 +577,7 @@ def train(
     if saved_state is not None:
         optimizer.load_state_dict(saved_state["optimizer"])
         scheduler.load_state_dict(saved_state["scheduler"])
+        apply_settings(optimizer, scheduler, config)
     loss_module = _loss_module(model, ctx)
 
     def save(at_step: int) -> None:

@@ -92,6 +92,15 @@ class Block(nn.Module):
         return x + self.mlp(self.norm2(x))
 
 
+def check_sizes(width: int, num_heads: int, mlp_ratio: int) -> None:
+    """Refuse sizes no transformer can have, before any layer is built from them."""
+    if width < 1 or num_heads < 1 or mlp_ratio < 1:
+        raise ValueError(
+            f"a transformer needs width >= 1, num_heads >= 1 and mlp_ratio >= 1, not width "
+            f"{width}, num_heads {num_heads}, mlp_ratio {mlp_ratio}"
+        )
+
+
 class CausalTransformer(nn.Module):
     """Learned positions, `num_layers` pre-norm blocks and a final norm: (B, T, W) -> (B, T, W)."""
 
@@ -104,11 +113,7 @@ class CausalTransformer(nn.Module):
         mlp_ratio: int = 4,
         dropout: float = 0.0,
     ):
-        if width < 1 or num_heads < 1 or mlp_ratio < 1:
-            raise ValueError(
-                f"a transformer needs width >= 1, num_heads >= 1 and mlp_ratio >= 1, not width "
-                f"{width}, num_heads {num_heads}, mlp_ratio {mlp_ratio}"
-            )
+        check_sizes(width, num_heads, mlp_ratio)
         super().__init__()
         self.max_len = max_len
         self.num_heads = num_heads

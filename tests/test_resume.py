@@ -309,3 +309,32 @@ def test_a_progressive_run_resumes_inside_a_later_stage(components, shakespeare,
     for got, expected in zip(resumed, uninterrupted, strict=True):
         got.pop("train/tokens_per_second"), expected.pop("train/tokens_per_second")
         assert got == expected
+
+
+class LoggedRates:
+    def __init__(self):
+        self.rates = {}
+
+    def tarflow_log_metrics(self, metrics, step):
+        if "train/lr" in metrics:
+            self.rates[step] = metrics["train/lr"]
+
+    def tarflow_log_artifact(self, path):
+        pass
+
+
+def test_a_resume_follows_a_changed_learning_rate(components, shakespeare, tmp_path):
+    first = build(components, shakespeare, ["STEPS = 10", "TrainConfig.log_every = 5"])
+    train.train(first.model, first.corpus, first.train_config, NoHook(), tmp_path)
+
+    # Resumed to train longer at a far lower rate: the optimiser's saved state must not keep
+    # the old rate (the hint after a run of non-finite steps relies on this).
+    longer = ["STEPS = 20", "TrainConfig.log_every = 5", "TrainConfig.lr = 1e-5"]
+    resumed = build(components, shakespeare, longer)
+    hook = LoggedRates()
+    train.train(resumed.model, resumed.corpus, resumed.train_config, hook, tmp_path, resume=True)
+
+    schedule = train.cosine_schedule(resumed.train_config)
+    assert set(hook.rates) == {15, 20}
+    for step, rate in hook.rates.items():
+        assert rate == pytest.approx(1e-5 * schedule(step), rel=1e-9), step
