@@ -50,6 +50,19 @@ RUN_FILES = (
 )
 
 
+# Each round of prompt refinement is a full sampling pass; the measurements gain nothing past 3.
+MAX_PROMPT_ROUNDS = 100
+
+
+def prompt_rounds(text: str) -> int:
+    value = positive_int(text)
+    if value > MAX_PROMPT_ROUNDS:
+        raise argparse.ArgumentTypeError(
+            f"at most {MAX_PROMPT_ROUNDS} rounds (each is a full sampling pass), not {value}"
+        )
+    return value
+
+
 def seed_value(text: str) -> int:
     try:
         value = int(text)
@@ -85,7 +98,7 @@ def parse_args(argv):
     parser.add_argument("--prompt", default=None, help="text the samples continue")
     parser.add_argument(
         "--prompt-rounds",
-        type=positive_int,
+        type=prompt_rounds,
         default=3,
         help="refinement rounds when a right-to-left flow makes prompting approximate",
     )

@@ -667,7 +667,7 @@ def run_study(
     """
     spec = load_study_spec(name)
     total = spec.trials if trials is None else trials
-    study_name = study_name or spec.name
+    study_name = spec.name if study_name is None else study_name
     check_study_name(study_name)
     pm, components = registry.load()
     config.setup(components)

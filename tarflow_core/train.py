@@ -814,7 +814,8 @@ def _check_resumable(run_dir: Path, corpus: Corpus, params: dict[str, str], mode
             f"cannot resume {str(run_dir)!r} with a different model or data: {key} is "
             f"{before.get(key, 'unset')} there and {now.get(key, 'unset')} here"
             + (f" ({len(changed) - 1} more differ)" if len(changed) > 1 else ""),
-            hint="resume without --gin: the run's own operative_config.gin is used",
+            hint="resume with the run's own operative_config.gin: drop the --bind that changes "
+            "the model or the data, or start a new run",
         )
     tokenizer_path = run_dir / "tokenizer.json"
     if tokenizer_path.exists() and tokenizer_path.read_text() != corpus.tokenizer.to_str():

@@ -327,3 +327,14 @@ def test_sample_command_refuses_what_is_not_a_run(capsys, tmp_path):
     assert code == 2 and "not an MLflow run id" in err
     code, _, err = sample_cli(capsys, str(tmp_path))
     assert code == 2 and "not a finished run folder" in err
+
+
+def test_prompt_rounds_are_capped():
+    import argparse
+
+    from tarflow_core.sample import MAX_PROMPT_ROUNDS, prompt_rounds
+
+    assert prompt_rounds(str(MAX_PROMPT_ROUNDS)) == MAX_PROMPT_ROUNDS
+    for text in ("0", str(MAX_PROMPT_ROUNDS + 1), "many"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            prompt_rounds(text)

@@ -474,3 +474,11 @@ def test_a_study_file_with_a_bad_budget_is_refused(tmp_path, shakespeare, line, 
 
     with pytest.raises(ConfigError, match=message):
         studies.load_study_spec(str(path))
+
+
+def test_an_empty_study_name_is_refused_not_replaced(tmp_path, shakespeare, components):
+    path = write_study(tmp_path, shakespeare, LR_SPACE)
+
+    with pytest.raises(ConfigError, match="cannot be a folder name"):
+        studies.run_study(str(path), storage_url(tmp_path), study_name="", track=False)
+    assert not (tmp_path / "studies.db").exists()
