@@ -13,13 +13,10 @@ The PyTorch solver in `tarflow_core.special` stays the reference: the tests hold
 to it, and a coupling falls back to it off the CPU, under autograd, or when asked to.
 """
 
-import logging
 import math
 
 import numpy as np
 import torch
-
-logger = logging.getLogger(__name__)
 
 SQRT_HALF = math.sqrt(0.5)
 LOG_SQRT_2PI = 0.5 * math.log(2 * math.pi)
@@ -41,13 +38,6 @@ def _jit(function):
     if numba is None:  # pragma: no cover
         return function
     return numba.njit(cache=True, nogil=True, error_model="numpy")(function)
-
-
-@_jit
-def _log_sigmoid(t):
-    if t >= 0:
-        return -math.log1p(math.exp(-t))
-    return t - math.log1p(math.exp(t))
 
 
 @_jit
@@ -148,9 +138,9 @@ def _residual_fast(
 
 
 @_jit
-def _solve(u, log_weights, loc, log_scale, gaussian, start, eps):
+def _solve(u, log_weights, loc, log_scale, gaussian, eps):
     """x with Phi^-1(F(x)) = u for one 1-D mixture, by safeguarded Newton in its bracket,
-    from `start` or (NaN) from the quantile of a normal with the mixture's moments."""
+    from the quantile of a normal with the mixture's moments."""
     log_target_cdf, log_target_sf = _log_ndtr(u), _log_ndtr(-u)
     lower = u <= 0.0
     target = log_target_cdf if lower else log_target_sf
@@ -174,29 +164,29 @@ def _solve(u, log_weights, loc, log_scale, gaussian, start, eps):
     lo_checked = hi_checked = False
     stride = max(hi - lo, 1.0)
 
-    if math.isnan(start):
-        # The normal with the mixture's mean and variance, at the target level: close to the
-        # root when the components overlap, and inside the bracket after clamping.
-        mean = second = 0.0
-        spread = 1.0 if gaussian else math.pi**2 / 3.0
-        for k in range(K):
-            mean += weights[k] * loc[k]
-            second += weights[k] * (loc[k] ** 2 + spread / inverse_scale[k] ** 2)
-        start = mean + math.sqrt(max(second - mean**2, 0.0)) * u
+    # The normal with the mixture's mean and variance, at the target level: close to the root
+    # when the components overlap, and inside the bracket after clamping.
+    mean = second = 0.0
+    spread = 1.0 if gaussian else math.pi**2 / 3.0
+    for k in range(K):
+        mean += weights[k] * loc[k]
+        second += weights[k] * (loc[k] ** 2 + spread / inverse_scale[k] ** 2)
+    start = mean + math.sqrt(max(second - mean**2, 0.0)) * u
     x = min(max(start, lo), hi)
+    # What `_residual_fast` needs of this mixture besides the point.
+    mixture = (
+        lower,
+        log_target_cdf,
+        log_target_sf,
+        weights,
+        log_weights,
+        loc,
+        inverse_scale,
+        gaussian,
+    )
     older_step = last_step = hi - lo
     for _ in range(MAX_STEPS):
-        g, slope = _residual_fast(
-            x,
-            lower,
-            log_target_cdf,
-            log_target_sf,
-            weights,
-            log_weights,
-            loc,
-            inverse_scale,
-            gaussian,
-        )
+        g, slope = _residual_fast(x, *mixture)
         if g == 0.0:
             return x
         if g > 0.0:
@@ -218,72 +208,26 @@ def _solve(u, log_weights, loc, log_scale, gaussian, start, eps):
         if hi - lo <= rounding:
             if lo_checked and hi_checked:
                 return new_x
-            # Closed on an end never evaluated: move it out until the root is inside.
-            if not lo_checked:
-                lo, hi, lo_checked, hi_checked = _widen(
-                    lo,
-                    hi,
-                    -stride,
-                    lower,
-                    log_target_cdf,
-                    log_target_sf,
-                    weights,
-                    log_weights,
-                    loc,
-                    inverse_scale,
-                    gaussian,
-                )
-            else:
-                lo, hi, lo_checked, hi_checked = _widen(
-                    lo,
-                    hi,
-                    stride,
-                    lower,
-                    log_target_cdf,
-                    log_target_sf,
-                    weights,
-                    log_weights,
-                    loc,
-                    inverse_scale,
-                    gaussian,
-                )
+            # Closed on an end never evaluated: move it out (down for a negative stride)
+            # until the root is inside.
+            lo, hi, lo_checked, hi_checked = _widen(
+                lo, hi, stride if lo_checked else -stride, mixture
+            )
             new_x = 0.5 * (lo + hi)
-            older_step = hi - lo
         older_step, last_step = last_step, abs(new_x - x)
         x = new_x
     return x
 
 
 @_jit
-def _widen(
-    lo,
-    hi,
-    stride,
-    lower,
-    log_target_cdf,
-    log_target_sf,
-    weights,
-    log_weights,
-    loc,
-    inverse_scale,
-    gaussian,
-):
+def _widen(lo, hi, stride, mixture):
     """Move the unchecked end of [lo, hi] (below for a negative stride, above otherwise) out,
     doubling the stride, until the root lies inside; the ends passed become the other end.
-    Returns (lo, hi, lo_checked, hi_checked)."""
+    `mixture` is what `_residual_fast` takes after the point. Returns (lo, hi, lo_checked,
+    hi_checked)."""
     for _ in range(64):
         end = lo if stride < 0.0 else hi
-        g, _ = _residual_fast(
-            end,
-            lower,
-            log_target_cdf,
-            log_target_sf,
-            weights,
-            log_weights,
-            loc,
-            inverse_scale,
-            gaussian,
-        )
+        g, _ = _residual_fast(end, *mixture)
         if stride < 0.0:
             if g <= 0.0:
                 return lo, hi, True, True
@@ -294,6 +238,20 @@ def _widen(
             lo, hi = hi, hi + stride
         stride *= 2.0
     return lo, hi, True, True
+
+
+@_jit
+def _log_normalise(values, out):
+    """out = values - logsumexp(values): log weights from unnormalised ones."""
+    peak = -np.inf
+    for k in range(values.shape[0]):
+        peak = max(peak, values[k])
+    total = 0.0
+    for k in range(values.shape[0]):
+        total += math.exp(values[k] - peak)
+    log_total = math.log(total) + peak
+    for k in range(values.shape[0]):
+        out[k] = values[k] - log_total
 
 
 @_jit
@@ -352,15 +310,8 @@ def _invert_masked_mixture(
                 for p in range(3 * K):
                     params[p] += a * w_out[j, first + p]
 
-            peak = -np.inf
+            _log_normalise(params[:K], log_weights)
             for k in range(K):
-                peak = max(peak, params[k])
-            total = 0.0
-            for k in range(K):
-                total += math.exp(params[k] - peak)
-            log_total = math.log(total) + peak
-            for k in range(K):
-                log_weights[k] = params[k] - log_total
                 log_scale[k] = max_log_scale * math.tanh(params[2 * K + k] / max_log_scale)
 
             h[n, i] = _solve(
@@ -369,7 +320,6 @@ def _invert_masked_mixture(
                 params[K : 2 * K],
                 log_scale,
                 gaussian,
-                np.nan,
                 eps,
             )
     return h
@@ -381,21 +331,17 @@ def _invert_isotropic_mixture(u, log_pi, mean, log_scale, eps):
     weights of channel i are pi updated by the densities of the solved channels < i."""
     N, D = u.shape
     K = mean.shape[0]
+    inverse_scale = np.empty(K)
+    for k in range(K):
+        inverse_scale[k] = math.exp(-log_scale[k])
     h = np.empty((N, D))
     for n in range(N):
         log_posterior = log_pi[n].copy()
         log_weights = np.empty(K)
         loc = np.empty(K)
         for i in range(D):
-            peak = -np.inf
+            _log_normalise(log_posterior, log_weights)
             for k in range(K):
-                peak = max(peak, log_posterior[k])
-            total = 0.0
-            for k in range(K):
-                total += math.exp(log_posterior[k] - peak)
-            log_total = math.log(total) + peak
-            for k in range(K):
-                log_weights[k] = log_posterior[k] - log_total
                 loc[k] = mean[k, i]
 
             x = _solve(
@@ -404,12 +350,11 @@ def _invert_isotropic_mixture(u, log_pi, mean, log_scale, eps):
                 loc,
                 log_scale,
                 True,
-                np.nan,
                 eps,
             )
             h[n, i] = x
             for k in range(K):
-                standard = (x - mean[k, i]) * math.exp(-log_scale[k])
+                standard = (x - mean[k, i]) * inverse_scale[k]
                 log_posterior[k] += -0.5 * standard * standard - log_scale[k] - LOG_SQRT_2PI
     return h
 

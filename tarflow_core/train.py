@@ -765,6 +765,13 @@ def _model_bindings(params: dict[str, str]) -> dict[str, str]:
 LOCK_FILE = ".lock"
 
 
+def _not_writable(run_dir: Path, error: OSError) -> TarflowError:
+    return TarflowError(
+        f"cannot write to the run folder {str(run_dir)!r}: {error.strerror}",
+        hint="resume a run whose folder is writable (copy it somewhere writable)",
+    )
+
+
 @contextlib.contextmanager
 def exclusive_use(run_dir: Path):
     """Hold the run folder for this process: a second command that would train in it (a
@@ -776,10 +783,7 @@ def exclusive_use(run_dir: Path):
     try:
         handle = open(run_dir / LOCK_FILE, "a")
     except OSError as error:
-        raise TarflowError(
-            f"cannot write to the run folder {str(run_dir)!r}: {error.strerror}",
-            hint="resume a run whose folder is writable (copy it somewhere writable)",
-        ) from None
+        raise _not_writable(run_dir, error) from None
     with handle:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -848,10 +852,7 @@ def _prepare_run_dir(run: RunConfig, corpus, config_text, params, resume_dir, mo
         try:
             checkpoint.write_text_atomic(run_dir / "operative_config.gin", config_text)
         except OSError as error:
-            raise TarflowError(
-                f"cannot write to the run folder {str(run_dir)!r}: {error.strerror}",
-                hint="resume a run whose folder is writable (copy it somewhere writable)",
-            ) from None
+            raise _not_writable(run_dir, error) from None
         record["params"] = params
         checkpoint.write_text_atomic(run_dir / RUN_FILE, json.dumps(record, indent=2))
         return run_dir
